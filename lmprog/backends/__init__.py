@@ -1,0 +1,23 @@
+"""Language models and tokenizers: the protocol, the JAX Llama-family model, loaders and the registry."""
+
+from lmprog.backends.base import LanguageModel
+from lmprog.backends.registry import (
+    DEFAULT_MODEL,
+    ModelNotFoundError,
+    available_models,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from lmprog.backends.tokenizer import Tokenizer
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LanguageModel",
+    "ModelNotFoundError",
+    "Tokenizer",
+    "available_models",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model",
+]

@@ -291,3 +291,27 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# A byte-level tokenizer (one token per byte) for tests and tiny models
+# --------------------------------------------------------------------------------------------------
+
+
+def byte_tokenizer(merges: list[tuple[str, str]] = (), specials: tuple[str, ...] = ("<|endoftext|>",)) -> Tokenizer:
+    """A real byte-level BPE: the 256 byte tokens, then the given merges (in GPT-2 alias alphabet),
+    then special tokens; the first special is EOS. Exact and tiny: for tests and random tiny models."""
+    alias = bytes_to_unicode()
+    tokens = [alias[b] for b in range(256)]
+    for left, right in merges:
+        tokens.append(left + right)
+    fields = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.tokens": tokens + list(specials),
+        "tokenizer.ggml.token_type": [TOKEN_NORMAL] * len(tokens) + [TOKEN_CONTROL] * len(specials),
+        "tokenizer.ggml.merges": [f"{a} {b}" for a, b in merges],
+        "tokenizer.ggml.eos_token_id": len(tokens) if specials else None,
+        "tokenizer.ggml.add_bos_token": False,
+    }
+    return tokenizer_from_gguf_fields(fields)
