@@ -25,15 +25,16 @@ def hf_state_dict(config: LlamaConfig, weights: LlamaWeights) -> dict[str, np.nd
         sd["lm_head.weight"] = np.asarray(weights.lm_head).T
     for i in range(config.n_layers):
         p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = np.asarray(weights.attn_norm[i])
-        sd[p + "post_attention_layernorm.weight"] = np.asarray(weights.ffn_norm[i])
+        layer = weights.layers[i]
+        sd[p + "input_layernorm.weight"] = np.asarray(layer.attn_norm)
+        sd[p + "post_attention_layernorm.weight"] = np.asarray(layer.ffn_norm)
         for name, key in (("q", "wq"), ("k", "wk"), ("v", "wv"), ("o", "wo")):
-            sd[p + f"self_attn.{name}_proj.weight"] = np.asarray(getattr(weights, key)[i]).T
+            sd[p + f"self_attn.{name}_proj.weight"] = np.asarray(getattr(layer, key)).T
         if config.qkv_bias:
             for name, key in (("q", "bq"), ("k", "bk"), ("v", "bv")):
-                sd[p + f"self_attn.{name}_proj.bias"] = np.asarray(getattr(weights, key)[i])
+                sd[p + f"self_attn.{name}_proj.bias"] = np.asarray(getattr(layer, key))
         for name, key in (("gate", "w_gate"), ("up", "w_up"), ("down", "w_down")):
-            sd[p + f"mlp.{name}_proj.weight"] = np.asarray(getattr(weights, key)[i]).T
+            sd[p + f"mlp.{name}_proj.weight"] = np.asarray(getattr(layer, key)).T
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
 
 

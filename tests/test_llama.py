@@ -117,7 +117,7 @@ def test_prompt_prefilled_once_and_broadcast(tiny):
     one = tiny.init_cache(1, 32)
     _, one = tiny.forward(one, [prompt], [0])
     many = tiny.broadcast(one, 4)
-    assert many.k.shape[1] == 4
+    assert many.k[0].shape[0] == 4
     conts = [ord(c) for c in "wxyz"]
     logits, _ = tiny.forward(many, [[c] for c in conts], [len(prompt)] * 4)
     for row, c in enumerate(conts):
@@ -128,10 +128,10 @@ def test_prompt_prefilled_once_and_broadcast(tiny):
 
 def test_decode_step_updates_the_donated_cache_in_place(tiny):
     cache = tiny.init_cache(2, 16)
-    k_before = cache.k
+    k_before = cache.k[0]
     _, new = tiny.forward(cache, [[1], [2]], [0, 0])
     assert k_before.is_deleted()  # donated: XLA reused the buffer instead of copying the cache
-    assert not new.k.is_deleted()
+    assert not new.k[0].is_deleted()
 
 
 def test_logprobs_are_normalized_and_length_independent(tiny):
@@ -191,14 +191,14 @@ def test_quantized_gguf_weights_dequantize_to_the_quantized_values(tmp_path, qty
     source = tiny_model(seed=4, intermediate_size=64)
     write_gguf(tmp_path / "q.gguf", source.config, source.params, source.tokenizer, qtype=qtype)
     loaded = load_model(tmp_path / "q.gguf")
-    original = np.asarray(source.params.w_down[1]).T  # [out, in] as stored
+    original = np.asarray(source.params.layers[1].w_down).T  # [out, in] as stored
     expected = quants.dequantize(quants.quantize(original, qtype), qtype)
-    np.testing.assert_array_equal(np.asarray(loaded.params.w_down[1]).T, expected)
+    np.testing.assert_array_equal(np.asarray(loaded.params.layers[1].w_down).T, expected)
     # Q is stored permuted; the loader must undo it after dequantizing
-    q_orig = llama_cpp_permute(np.asarray(source.params.wq[0]).T, source.config.n_heads)
+    q_orig = llama_cpp_permute(np.asarray(source.params.layers[0].wq).T, source.config.n_heads)
     q_expected = unpermute_rope_rows(quants.dequantize(quants.quantize(q_orig, qtype), qtype), source.config.n_heads)
-    np.testing.assert_array_equal(np.asarray(loaded.params.wq[0]).T, q_expected)
-    err = np.abs(np.asarray(loaded.params.w_down[1]) - np.asarray(source.params.w_down[1])).max()
+    np.testing.assert_array_equal(np.asarray(loaded.params.layers[0].wq).T, q_expected)
+    err = np.abs(np.asarray(loaded.params.layers[1].w_down) - np.asarray(source.params.layers[1].w_down)).max()
     assert err < 0.5  # quantized, but still the same weights
 
 

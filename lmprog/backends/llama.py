@@ -9,9 +9,9 @@ with grouped-query attention (``n_heads / n_kv_heads`` query heads share each ke
 rotary embeddings in the "rotate half" layout (Q/K weights of GGUF files, which llama.cpp stores
 permuted for its interleaved RoPE, are un-permuted when loaded; see ``loaders.py``).
 
-Layers are stacked along a leading axis and run with ``lax.scan`` (one compiled layer, fast compiles).
-The KV cache is preallocated, ``[n_layers, batch, n_kv_heads, max_len, head_dim]``; a call writes the
-new keys/values at each row's own positions and, under ``jit`` with the cache donated, updates it in place.
+The KV cache is preallocated, one ``[batch, n_kv_heads, max_len, head_dim]`` buffer per layer for keys and
+for values; a call scatters the new keys/values at each row's own positions and, under ``jit`` with the
+cache donated, updates it in place.
 """
 
 from __future__ import annotations
@@ -52,32 +52,42 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
 
-class LlamaWeights(eqx.Module):
-    """All weights; per-layer ones stacked on a leading ``n_layers`` axis. Linear maps are ``[in, out]``."""
+class LayerWeights(eqx.Module):
+    """One decoder layer. Linear maps are ``[in, out]``; biases are ``None`` unless ``config.qkv_bias``."""
 
-    embed: jax.Array  # [V, H]
-    attn_norm: jax.Array  # [L, H]
-    wq: jax.Array  # [L, H, n_heads * D]
-    wk: jax.Array  # [L, H, n_kv * D]
-    wv: jax.Array  # [L, H, n_kv * D]
-    wo: jax.Array  # [L, n_heads * D, H]
-    bq: jax.Array | None  # [L, n_heads * D]
+    attn_norm: jax.Array  # [H]
+    wq: jax.Array  # [H, n_heads * D]
+    wk: jax.Array  # [H, n_kv * D]
+    wv: jax.Array  # [H, n_kv * D]
+    wo: jax.Array  # [n_heads * D, H]
+    bq: jax.Array | None
     bk: jax.Array | None
     bv: jax.Array | None
-    ffn_norm: jax.Array  # [L, H]
-    w_gate: jax.Array  # [L, H, F]
-    w_up: jax.Array  # [L, H, F]
-    w_down: jax.Array  # [L, F, H]
+    ffn_norm: jax.Array  # [H]
+    w_gate: jax.Array  # [H, F]
+    w_up: jax.Array  # [H, F]
+    w_down: jax.Array  # [F, H]
+
+
+class LlamaWeights(eqx.Module):
+    """All weights: the embedding, one :class:`LayerWeights` per layer, the final norm and output head."""
+
+    embed: jax.Array  # [V, H]
+    layers: tuple[LayerWeights, ...]
     final_norm: jax.Array  # [H]
     lm_head: jax.Array | None  # [H, V]; None when tied to `embed`
     rope_inv_freq: jax.Array  # [D / 2]
 
 
 class KVCache(NamedTuple):
-    """Keys and values, ``[n_layers, batch, n_kv_heads, max_len, head_dim]`` each."""
+    """Keys and values: one ``[batch, n_kv_heads, max_len, head_dim]`` array per layer each.
 
-    k: jax.Array
-    v: jax.Array
+    Separate per-layer buffers (rather than one stacked array) let XLA update each in place with a
+    scatter of the new rows, and let attention read a layer without slicing a copy out of a stack.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
 
 def rope_inv_freq(config: LlamaConfig, freq_factors: np.ndarray | None = None) -> np.ndarray:
@@ -89,8 +99,9 @@ def rope_inv_freq(config: LlamaConfig, freq_factors: np.ndarray | None = None) -
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+    return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)))
 
 
 def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -104,9 +115,51 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def _write_rows(cache_layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Write ``new [B, KV, T, D]`` into ``cache_layer [B, KV, S, D]`` at slots ``positions[b] + t``."""
-    return jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (0, p, 0)))(cache_layer, new, positions)
+def _write_rows(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scatter ``new [B, T, KV, D]`` into ``cache [B, KV, S, D]`` at slots ``positions[b] + t``."""
+    batch, seq = new.shape[:2]
+    rows = jnp.arange(batch)[:, None]
+    slots = positions[:, None] + jnp.arange(seq)[None, :]
+    return cache.at[rows, :, slots, :].set(new.astype(cache.dtype), mode="drop")
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, groups: int) -> jax.Array:
+    """Grouped-query attention of ``q [B, T, H, D]`` over the cache ``k, v [B, KV, S, D]``.
+
+    ``visible [B, T, S]`` says which cache slots each query sees. For one query per row (decoding) the
+    scores are a fused multiply-reduce: XLA's CPU backend runs many tiny batched matmuls poorly.
+    """
+    batch, seq, _, dim = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(batch, seq, kv, groups, dim) * (1.0 / np.sqrt(dim))
+    if seq == 1:
+        scores = jnp.sum(qg[:, 0, :, :, None, :] * k[:, :, None, :, :], axis=-1)  # [B, KV, G, S]
+        scores = jnp.where(visible[:, 0, None, None, :], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.sum(probs[..., None] * v[:, :, None, :, :], axis=-2)  # [B, KV, G, D]
+        return out.reshape(batch, 1, kv * groups * dim)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k)
+    scores = jnp.where(visible[:, None, None, :, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(batch, seq, kv * groups * dim)
+
+
+def _layer(c: LlamaConfig, w: LayerWeights, x, k_cache, v_cache, positions, cos, sin, visible):
+    batch, seq = x.shape[:2]
+    h = _rms_norm(x, w.attn_norm, c.rms_eps)
+    q, k, v = h @ w.wq, h @ w.wk, h @ w.wv
+    if c.qkv_bias:
+        q, k, v = q + w.bq, k + w.bk, v + w.bv
+    q = _apply_rope(q.reshape(batch, seq, c.n_heads, c.head_dim), cos, sin)
+    k = _apply_rope(k.reshape(batch, seq, c.n_kv_heads, c.head_dim), cos, sin)
+    v = v.reshape(batch, seq, c.n_kv_heads, c.head_dim)
+    k_cache = _write_rows(k_cache, k, positions)
+    v_cache = _write_rows(v_cache, v, positions)
+    attn = _attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), visible, c.n_heads // c.n_kv_heads)
+    x = x + attn @ w.wo
+    h = _rms_norm(x, w.ffn_norm, c.rms_eps)
+    x = x + (jax.nn.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
+    return x, k_cache, v_cache
 
 
 def forward(
@@ -115,73 +168,39 @@ def forward(
     """Logits for ``tokens [B, T]`` at positions ``positions[b] + t``; writes their keys/values into ``cache``.
 
     Row ``b`` attends to cache slots ``0 .. positions[b] + t``, so slots beyond a row's own length are
-    never read (rows of different lengths share one cache).
+    never read (rows of different lengths share one cache). Layers are unrolled: on CPU this beats a
+    ``lax.scan`` over stacked weights, which slices (copies) every layer's weights and cache per step.
     """
-    c = config
-    batch, seq = tokens.shape
-    max_len = cache.k.shape[3]
-    groups = c.n_heads // c.n_kv_heads
-    scale = 1.0 / np.sqrt(c.head_dim)
-
+    seq = tokens.shape[1]
+    max_len = cache.k[0].shape[2]
     x = weights.embed[tokens]  # [B, T, H]
     pos = positions[:, None] + jnp.arange(seq, dtype=positions.dtype)[None, :]  # [B, T]
     angles = pos[..., None].astype(jnp.float32) * weights.rope_inv_freq  # [B, T, D/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     visible = jnp.arange(max_len)[None, None, :] <= pos[:, :, None]  # [B, T, S]
-    mask = visible[:, None, None, :, :]  # [B, 1, 1, T, S]
 
-    def layer(carry, inputs):
-        x, k_cache, v_cache = carry
-        i, w = inputs
-        h = _rms_norm(x, w["attn_norm"], c.rms_eps)
-        q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
-        if c.qkv_bias:
-            q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-        q = _apply_rope(q.reshape(batch, seq, c.n_heads, c.head_dim), cos, sin)
-        k = _apply_rope(k.reshape(batch, seq, c.n_kv_heads, c.head_dim), cos, sin)
-        v = v.reshape(batch, seq, c.n_kv_heads, c.head_dim)
+    new_k, new_v = [], []
+    for w, k_cache, v_cache in zip(weights.layers, cache.k, cache.v):
+        x, k_cache, v_cache = _layer(config, w, x, k_cache, v_cache, positions, cos, sin, visible)
+        new_k.append(k_cache)
+        new_v.append(v_cache)
 
-        k_layer = _write_rows(k_cache[i], k.transpose(0, 2, 1, 3).astype(k_cache.dtype), positions)
-        v_layer = _write_rows(v_cache[i], v.transpose(0, 2, 1, 3).astype(v_cache.dtype), positions)
-        k_cache = jax.lax.dynamic_update_index_in_dim(k_cache, k_layer, i, 0)
-        v_cache = jax.lax.dynamic_update_index_in_dim(v_cache, v_layer, i, 0)
-
-        qg = q.reshape(batch, seq, c.n_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bksd->bkgts", qg, k_layer.astype(q.dtype)) * scale  # [B, KV, G, T, S]
-        scores = jnp.where(mask, scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1)
-        attn = jnp.einsum("bkgts,bksd->btkgd", probs, v_layer.astype(q.dtype))
-        x = x + attn.reshape(batch, seq, c.n_heads * c.head_dim) @ w["wo"]
-
-        h = _rms_norm(x, w["ffn_norm"], c.rms_eps)
-        x = x + (jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
-        return (x, k_cache, v_cache), None
-
-    per_layer = {
-        name: getattr(weights, name)
-        for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
-    }
-    if c.qkv_bias:
-        per_layer.update(bq=weights.bq, bk=weights.bk, bv=weights.bv)
-    layer_ids = jnp.arange(c.n_layers)
-    (x, k_cache, v_cache), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (layer_ids, per_layer))
-
-    x = _rms_norm(x, weights.final_norm, c.rms_eps)
+    x = _rms_norm(x, weights.final_norm, config.rms_eps)
     if weights.lm_head is None:
         logits = jnp.einsum("bth,vh->btv", x, weights.embed)
     else:
         logits = x @ weights.lm_head
-    return logits.astype(jnp.float32), KVCache(k_cache, v_cache)
+    return logits.astype(jnp.float32), KVCache(tuple(new_k), tuple(new_v))
 
 
 def reorder_cache(cache: KVCache, ancestors: jax.Array) -> KVCache:
-    """Row ``b`` of the result is row ``ancestors[b]`` (the batch axis is 1)."""
-    return KVCache(jnp.take(cache.k, ancestors, axis=1), jnp.take(cache.v, ancestors, axis=1))
+    """Row ``b`` of the result is row ``ancestors[b]``."""
+    return jax.tree_util.tree_map(lambda a: jnp.take(a, ancestors, axis=0), cache)
 
 
 def broadcast_cache(cache: KVCache, batch: int) -> KVCache:
     """Repeat a one-row cache ``batch`` times (one shared prefill for all particles)."""
-    return KVCache(*(jnp.broadcast_to(a, a.shape[:1] + (batch,) + a.shape[2:]) for a in cache))
+    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape[1:]), cache)
 
 
 class LlamaModel:

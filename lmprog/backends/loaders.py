@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmprog.backends.gguf_file import GGUFError, GGUFFile
-from lmprog.backends.llama import LlamaConfig, LlamaModel, LlamaWeights, rope_inv_freq
+from lmprog.backends.llama import LayerWeights, LlamaConfig, LlamaModel, LlamaWeights, rope_inv_freq
 from lmprog.backends.tokenizer import tokenizer_from_gguf_fields, tokenizer_from_hf_folder
 
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -57,30 +57,29 @@ def llama3_rope_factors(config: LlamaConfig, scaling: dict) -> np.ndarray:
     return (inv / scaled).astype(np.float32)
 
 
-def _stack_weights(config: LlamaConfig, get, names: dict, has_output: bool, freq_factors) -> LlamaWeights:
-    """Assemble :class:`LlamaWeights` from ``get(key) -> np.ndarray [out, in]`` and a name map."""
-    L = config.n_layers
+def _assemble_weights(config: LlamaConfig, get, names: dict, has_output: bool, freq_factors) -> LlamaWeights:
+    """Assemble :class:`LlamaWeights` from ``get(key) -> np.ndarray`` (linear maps ``[out, in]``) and a name map."""
 
-    def layers(key, transpose=True):
-        arrays = [get(names[key].format(i=i)) for i in range(L)]
-        return jnp.asarray(np.stack([a.T if transpose else a for a in arrays]).astype(np.float32))
+    def linear(key, i):
+        return jnp.asarray(np.ascontiguousarray(get(names[key].format(i=i)).T, dtype=np.float32))
 
-    bias = {k: layers(k, transpose=False) if config.qkv_bias else None for k in ("bq", "bk", "bv")}
+    def vector(key, i):
+        return jnp.asarray(get(names[key].format(i=i)).astype(np.float32))
+
+    def layer(i):
+        bias = {k: vector(k, i) if config.qkv_bias else None for k in ("bq", "bk", "bv")}
+        return LayerWeights(
+            attn_norm=vector("attn_norm", i), wq=linear("wq", i), wk=linear("wk", i), wv=linear("wv", i),
+            wo=linear("wo", i), ffn_norm=vector("ffn_norm", i), w_gate=linear("w_gate", i),
+            w_up=linear("w_up", i), w_down=linear("w_down", i), **bias,
+        )  # fmt: skip
+
     return LlamaWeights(
-        embed=jnp.asarray(get(names["embed"])),
-        attn_norm=layers("attn_norm", transpose=False),
-        wq=layers("wq"),
-        wk=layers("wk"),
-        wv=layers("wv"),
-        wo=layers("wo"),
-        ffn_norm=layers("ffn_norm", transpose=False),
-        w_gate=layers("w_gate"),
-        w_up=layers("w_up"),
-        w_down=layers("w_down"),
-        final_norm=jnp.asarray(get(names["final_norm"])),
-        lm_head=None if config.tie_embeddings or not has_output else jnp.asarray(get(names["lm_head"]).T),
+        embed=jnp.asarray(get(names["embed"]).astype(np.float32)),
+        layers=tuple(layer(i) for i in range(config.n_layers)),
+        final_norm=jnp.asarray(get(names["final_norm"]).astype(np.float32)),
+        lm_head=None if config.tie_embeddings or not has_output else linear("lm_head", 0),
         rope_inv_freq=jnp.asarray(rope_inv_freq(config, freq_factors)),
-        **bias,
     )
 
 
@@ -158,7 +157,7 @@ def load_gguf(path: str | Path, name: str | None = None) -> LlamaModel:
             return w
 
         freq = gguf.tensor("rope_freqs.weight") if "rope_freqs.weight" in gguf else None
-        weights = _stack_weights(config, get, _GGUF_NAMES, "output.weight" in gguf, freq)
+        weights = _assemble_weights(config, get, _GGUF_NAMES, "output.weight" in gguf, freq)
     except (GGUFError, ValueError, KeyError) as exc:
         if isinstance(exc, ModelLoadError):
             raise
@@ -247,5 +246,5 @@ def load_hf_folder(folder: str | Path, name: str | None = None) -> LlamaModel:
     if tie != config.tie_embeddings:
         config = LlamaConfig(**{**config.__dict__, "tie_embeddings": True})
     freq = llama3_rope_factors(config, scaling) if scaling else None
-    weights = _stack_weights(config, get, _HF_NAMES, not tie, freq)
+    weights = _assemble_weights(config, get, _HF_NAMES, not tie, freq)
     return LlamaModel(name or folder.name, config, weights, tokenizer_from_hf_folder(folder))

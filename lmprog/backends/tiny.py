@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from lmprog.backends.llama import LlamaConfig, LlamaModel, LlamaWeights, rope_inv_freq
+from lmprog.backends.llama import LayerWeights, LlamaConfig, LlamaModel, LlamaWeights, rope_inv_freq
 from lmprog.backends.tokenizer import Tokenizer, byte_tokenizer
 
 
@@ -32,22 +32,19 @@ def random_weights(config: LlamaConfig, seed: int = 0, scale: float = 0.3) -> Ll
     def gains(*shape):
         return jnp.asarray((1.0 + 0.1 * rng.normal(size=shape)).astype(np.float32))
 
-    bias = {k: normal(L, n) if config.qkv_bias else None for k, n in (("bq", q_out), ("bk", kv_out), ("bv", kv_out))}
+    def layer():
+        bias = {k: normal(n) if config.qkv_bias else None for k, n in (("bq", q_out), ("bk", kv_out), ("bv", kv_out))}
+        return LayerWeights(
+            attn_norm=gains(H), wq=normal(H, q_out), wk=normal(H, kv_out), wv=normal(H, kv_out), wo=normal(q_out, H),
+            ffn_norm=gains(H), w_gate=normal(H, F), w_up=normal(H, F), w_down=normal(F, H), **bias,
+        )  # fmt: skip
+
     return LlamaWeights(
         embed=normal(config.vocab_size, H) * 3,
-        attn_norm=gains(L, H),
-        wq=normal(L, H, q_out),
-        wk=normal(L, H, kv_out),
-        wv=normal(L, H, kv_out),
-        wo=normal(L, q_out, H),
-        ffn_norm=gains(L, H),
-        w_gate=normal(L, H, F),
-        w_up=normal(L, H, F),
-        w_down=normal(L, F, H),
+        layers=tuple(layer() for _ in range(L)),
         final_norm=gains(H),
         lm_head=None if config.tie_embeddings else normal(H, config.vocab_size),
         rope_inv_freq=jnp.asarray(rope_inv_freq(config)),
-        **bias,
     )
 
 
