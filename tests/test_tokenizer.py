@@ -60,9 +60,21 @@ UNREPRESENTABLE = "\x04\x06\x13\x14\x16\x1d"
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.text(st.characters(blacklist_characters=UNREPRESENTABLE, max_codepoint=0x3FFFF), max_size=40))
+@given(
+    st.text(
+        st.characters(blacklist_characters=UNREPRESENTABLE, blacklist_categories=("Cs",), max_codepoint=0x3FFFF),
+        max_size=40,
+    )
+)
 def test_roundtrip_arbitrary_text(default_tokenizer, text):
     assert default_tokenizer.decode(default_tokenizer.encode(text)) == text
+
+
+def test_invalid_unicode_is_a_clear_error(default_tokenizer):
+    with pytest.raises(ValueError, match="lone surrogate"):
+        default_tokenizer.encode("bad \ud800 text")
+    with pytest.raises(TypeError, match="needs a str"):
+        default_tokenizer.encode(b"bytes")
 
 
 def test_unrepresentable_bytes_are_the_known_ones(default_tokenizer):

@@ -108,7 +108,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; special-token markup in the text (``<|im_start|>``) becomes the special token."""
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            if not isinstance(text, str):
+                raise TypeError(f"encode needs a str, got {type(text).__name__}") from None
+            # Lone surrogates (e.g. from a bad decode with errors="surrogateescape") have no UTF-8 bytes.
+            raise ValueError("text is not valid Unicode (it contains a lone surrogate)") from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
