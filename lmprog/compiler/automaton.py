@@ -3,94 +3,316 @@
 A constraint on a hole is a deterministic automaton over *token ids*: from state ``s`` token ``v`` is
 allowed iff ``next_state[s, v] >= 0``, and then the automaton moves to ``next_state[s, v]``. A state is
 ``final`` when the hole is complete there (its terminator has been produced). The whole constraint
-state of a particle is one int32.
+state of a particle is one int32 (plus, for holes with ``tokens``/``len``/``words`` bounds, a ``[3]`` vector
+of raw counts: :mod:`lmprog.compiler.counters`).
 
 All automata of a program (or of a batch of programs) live in one :class:`TokenTable` with *global*
 state ids (each automaton's states are offset into the shared table), so particles working on
 different holes, or different programs, use the same compiled kernel: switching constraint is a
 different integer, never a recompilation.
 
-Storage is dense (``[S, V] int32``) here; the table's methods are the only way kernels read it, so a
-sparse layout can replace the dense one without touching the kernels.
+Storage (token classes). Tokens that behave the same in every state of an automaton form a *class*; an
+automaton is stored as ``token_class [V]`` (the class of each token) and a ``[S, C]`` table over classes. A
+regex over digits has a few dozen classes, so a 49k vocabulary costs ``4 V`` bytes plus ``4 S C`` instead
+of ``4 S V``; an automaton whose columns are all different is the dense layout (``C = V``). In the shared
+table all rows live in one flat array: ``next(s, v) = trans[row_base[s] + token_class[auto_of[s], v]]`` — two
+gathers inside ``jit``. Kernels only use the table's methods, so the layout can change without touching them.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmprog.compiler import counters as C
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lmprog.compiler.constraints import CompiledHole
+
 DISALLOWED = -1
+#: Device bytes per state in a TokenTable besides its transition row: auto_of, row_base, final, pending,
+#: and the counter arrays (pend, tracker, lo, hi, rmin, rmax, tab_off, tab_cap, mt_off, mt_cap, fixed_len, active).
+PER_STATE_BYTES = 4 + 4 + 1 + 4 + 12 + 4 + 12 * 8 + 4 + 1  # (lo/hi counted for one interval per counter)
+#: ... and per token class: its character count (int32) and word starts per word-tracker state (int8).
+PER_CLASS_BYTES = 4 + C.word_tracker().num_states
 
 
 class Automaton(NamedTuple):
     """One constraint, host side (numpy), with local state ids ``0 .. S-1``.
 
     Attributes:
-        next_state: ``[S, V] int32``; ``-1`` where the token is not allowed.
+        next_state: ``[S, V] int32``; ``-1`` where the token is not allowed. When ``token_class`` is given,
+            ``[S, C]`` over token classes instead: token ``v`` goes to ``next_state[s, token_class[v]]``.
         final: ``[S] bool``; the hole is complete in this state.
         start: the initial state.
+        token_class: ``[V] int32`` class of each token, or ``None`` (columns are tokens).
     """
 
     next_state: np.ndarray
     final: np.ndarray
     start: int = 0
+    token_class: np.ndarray | None = None
 
     @property
     def num_states(self) -> int:
         return int(self.next_state.shape[0])
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.next_state.shape[1] if self.token_class is None else self.token_class.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.next_state.shape[1])
+
+    def dense(self) -> np.ndarray:
+        """``[S, V] int32`` transition table over tokens."""
+        if self.token_class is None:
+            return np.asarray(self.next_state, np.int32)
+        return np.asarray(self.next_state, np.int32)[:, self.token_class]
+
+    def step(self, state: int, token: int) -> int:
+        """Host-side transition (``-1``: not allowed)."""
+        if state < 0:
+            return DISALLOWED
+        col = token if self.token_class is None else int(self.token_class[token])
+        return int(self.next_state[state, col])
+
+    def allowed_tokens(self, state: int) -> np.ndarray:
+        """Host-side reference mask ``[V] bool``."""
+        row = np.asarray(self.next_state[state])
+        return (row >= 0) if self.token_class is None else (row[self.token_class] >= 0)
+
+    @property
     def nbytes(self) -> int:
-        return int(self.next_state.nbytes + self.final.nbytes)
+        """Bytes this automaton takes in a :class:`TokenTable` (class map + class table + per-state arrays)."""
+        return int(self.vocab_size * 4 + self.num_states * self.num_classes * 4 + self.num_states * PER_STATE_BYTES
+                   + self.num_classes * PER_CLASS_BYTES)
 
 
 class TokenTable(NamedTuple):
     """Every automaton of a run, concatenated; a pytree of device arrays usable inside ``jit``.
 
     Attributes:
-        next_state: ``[S_total, V] int32`` global transition table (``-1`` = not allowed).
-        final: ``[S_total] bool``.
+        token_class: ``[A, V] int32`` token -> class, per automaton.
+        auto_of: ``[S] int32`` the automaton of each global state.
+        row_base: ``[S] int32`` offset of each state's row in ``trans``.
+        trans: ``[N] int32`` all class tables, flattened, holding *global* next states (``-1`` = not allowed).
+        final: ``[S] bool`` the hole is complete on entering this state (for a fixed-length hole: the value is
+            acceptable here; it ends on its N-th token, see :meth:`done`).
+        pending: ``[S] int32`` bytes of the terminator text the particle may have produced already (the
+            longest suffix of the generated bytes that is a prefix of the terminator; ``len(terminator)`` in the
+            final state). Informational: the hole's last token never goes past the terminator.
+        class_base: ``[A] int32`` offset of each automaton's classes in the global class numbering (the
+            counters' per-class arrays).
+        num_classes: ``[A] int32`` classes per automaton. class_iota: ``arange(C_max)`` (its shape is static).
+        counters: :class:`~lmprog.compiler.counters.CounterArrays`.
     """
 
-    next_state: jax.Array
+    token_class: jax.Array
+    auto_of: jax.Array
+    row_base: jax.Array
+    trans: jax.Array
     final: jax.Array
+    pending: jax.Array
+    class_base: jax.Array
+    num_classes: jax.Array
+    class_iota: jax.Array
+    counters: C.CounterArrays
+
+    # -- automaton only ------------------------------------------------------------------------------
+
+    def next_states(self, states: jax.Array) -> jax.Array:
+        """``[B] int32`` states -> ``[B, V] int32`` successor of every token (``-1`` = not allowed)."""
+        s = jnp.maximum(states, 0)
+        cols = self.token_class[self.auto_of[s]]  # [B, V]
+        nxt = self.trans[self.row_base[s][:, None] + cols]
+        return jnp.where((states >= 0)[:, None], nxt, DISALLOWED)
 
     def allowed(self, states: jax.Array) -> jax.Array:
-        """``[B] int32`` states -> ``[B, V] bool`` allowed-token mask."""
-        return self.next_state[states] >= 0
+        """``[B] int32`` states -> ``[B, V] bool`` allowed-token mask (automaton only; holes with counters
+        need :meth:`mask`)."""
+        return self.next_states(states) >= 0
 
     def advance(self, states: jax.Array, tokens: jax.Array) -> jax.Array:
         """The states after each row's token (``-1`` if the token was not allowed)."""
-        return self.next_state[states, tokens]
+        s = jnp.maximum(states, 0)
+        col = self.token_class[self.auto_of[s], tokens]
+        nxt = self.trans[self.row_base[s] + col]
+        return jnp.where(states >= 0, nxt, DISALLOWED)
 
     def is_final(self, states: jax.Array) -> jax.Array:
         return self.final[jnp.maximum(states, 0)] & (states >= 0)
 
+    # -- with counters -------------------------------------------------------------------------------
+
+    def class_successors(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``[B, C_max]`` successor of each token class of the row's automaton (``-1``: not allowed, or no such
+        class), and the classes' global ids."""
+        s = jnp.maximum(states, 0)
+        a = self.auto_of[s]
+        n = self.num_classes[a][:, None]
+        c = self.class_iota[None, :]
+        valid = (c < n) & (states >= 0)[:, None]
+        nxt = self.trans[self.row_base[s][:, None] + jnp.minimum(c, n - 1)]
+        return jnp.where(valid, nxt, DISALLOWED), self.class_base[a][:, None] + jnp.minimum(c, n - 1)
+
+    def mask(self, states: jax.Array, counts: jax.Array, max_tokens: jax.Array | int | None = None) -> jax.Array:
+        """``[B, V] bool``: exactly the tokens after which the hole can still be completed — automaton,
+        terminator and every ``tokens``/``len``/``words`` bound (and the ``max_tokens`` budget, if given).
+
+        Computed per token class (``[B, C_max]``, small) and then gathered to tokens."""
+        nxt, classes = self.class_successors(states)
+        ok = (nxt >= 0) & C.counter_mask(self.counters, states, counts, nxt, classes, max_tokens)
+        cols = self.token_class[self.auto_of[jnp.maximum(states, 0)]]  # [B, V]
+        return jnp.take_along_axis(ok, cols, axis=1)
+
+    def update_counts(self, states: jax.Array, counts: jax.Array, tokens: jax.Array) -> jax.Array:
+        """Raw counts after ``tokens`` (pass the states *before* the tokens)."""
+        return C.update_counts(self.counters, states, counts, tokens)
+
+    def step(self, states: jax.Array, counts: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(states, counts)`` after each row's token."""
+        return self.advance(states, tokens), self.update_counts(states, counts, tokens)
+
+    def done(self, states: jax.Array, counts: jax.Array) -> jax.Array:
+        """``[B] bool``: the hole has ended (final state; a fixed-length hole: its N-th token)."""
+        return C.hole_done(self.counters, self.final, states, counts)
+
+    def value_counts(self, states: jax.Array, counts: jax.Array) -> jax.Array:
+        """``[B, 3]`` tokens / characters / words of the hole's value so far."""
+        return C.value_counts(self.counters, states, counts)
+
+    @staticmethod
+    def init_counts(batch: int) -> jax.Array:
+        return C.init_counts(batch)
+
+    # -- host helpers --------------------------------------------------------------------------------
+
+    @property
+    def num_states(self) -> int:
+        return int(self.final.shape[0])
+
     @property
     def nbytes(self) -> int:
-        return int(self.next_state.size * 4 + self.final.size)
+        leaves = jax.tree_util.tree_leaves(self)
+        return int(sum(x.size * x.dtype.itemsize for x in leaves))
+
+    def dense(self) -> np.ndarray:
+        """Host-side ``[S_total, V]`` transition table (debugging and tests)."""
+        cls = np.asarray(self.token_class)[np.asarray(self.auto_of)]
+        return np.asarray(self.trans)[np.asarray(self.row_base)[:, None] + cls]
+
+
+def _table(automata: Sequence[Automaton], hole_counters: Sequence[C.HoleCounters | None], pending, incs):
+    if not automata:
+        raise ValueError("stack_automata needs at least one automaton")
+    vocab = {a.vocab_size for a in automata}
+    if len(vocab) != 1:
+        raise ValueError(f"automata disagree on the vocabulary size: {sorted(vocab)}")
+    (v,) = vocab
+    offsets, classes, trans, row_base, auto_of, finals, reps = [], [], [], [], [], [], []
+    total = flat = 0
+    for i, a in enumerate(automata):
+        offsets.append(total)
+        table = np.asarray(a.next_state, np.int32)
+        cls = np.arange(v, dtype=np.int32) if a.token_class is None else np.asarray(a.token_class, np.int32)
+        classes.append(cls)
+        _, first = np.unique(cls, return_index=True)  # a token of each class (classes are 0 .. C-1)
+        reps.append(first)
+        trans.append(np.where(table >= 0, table + total, DISALLOWED).astype(np.int32).reshape(-1))
+        row_base.append(flat + np.arange(a.num_states, dtype=np.int64) * table.shape[1])
+        auto_of.append(np.full(a.num_states, i, np.int32))
+        finals.append(np.asarray(a.final, bool))
+        total += a.num_states
+        flat += table.size
+    if flat >= 2**31:
+        raise ValueError("token table too large for int32 offsets")
+
+    s = total
+    width = max([hc.lo.shape[1] for hc in hole_counters if hc is not None] or [1])
+    pend = np.zeros((s, 3), np.int32)
+    tracker = np.zeros(s, np.int32)
+    lo = np.full((s, 3, width), C.INF, np.int32)  # empty interval slots
+    hi = np.full((s, 3, width), -1, np.int32)
+    lo[:, :, 0], hi[:, :, 0] = 0, C.INF  # no bound: [0, INF)
+    rmin = np.zeros((s, 3), np.int32)
+    rmax = np.full((s, 3), C.INF, np.int32)
+    tab_off = np.full((s, 3), -1, np.int32)
+    tab_cap = np.zeros((s, 3), np.int32)
+    mt_off = np.full((s, 3), -1, np.int32)
+    mt_cap = np.zeros((s, 3), np.int32)
+    fixed = np.full(s, -1, np.int32)
+    active = np.zeros(s, bool)
+    cums, cum_len = [np.zeros(1, np.int32)], 1
+    for a, off, hc in zip(automata, offsets, hole_counters):
+        if hc is None:
+            continue
+        sl = slice(off, off + a.num_states)
+        pend[sl], tracker[sl] = hc.pend, hc.tracker
+        lo[sl], hi[sl] = C.INF, -1
+        lo[sl, :, : hc.lo.shape[1]], hi[sl, :, : hc.hi.shape[1]] = hc.lo[None], hc.hi[None]
+        rmin[sl], rmax[sl] = hc.rmin, hc.rmax
+        fixed[sl] = hc.fixed_len
+        active[sl] = hc.active
+        for k, cum in hc.tables.items():
+            width = cum.shape[1]
+            tab_off[sl, k] = cum_len + np.arange(a.num_states) * width
+            tab_cap[sl, k] = width - 2
+            cums.append(cum.reshape(-1))
+            cum_len += cum.size
+        for k, mt in hc.mintok.items():
+            width = mt.shape[1]
+            mt_off[sl, k] = cum_len + np.arange(a.num_states) * width
+            mt_cap[sl, k] = width - 1
+            cums.append(mt.reshape(-1))
+            cum_len += mt.size
+    inc_chars, inc_words = incs if incs is not None else (np.zeros(v, np.int32), np.zeros((1, v), np.int8))
+    num_classes = np.array([a.num_classes for a in automata], np.int32)
+    class_base = np.concatenate([[0], np.cumsum(num_classes)[:-1]]).astype(np.int32)
+    rep = np.concatenate(reps)
+    ca = C.CounterArrays(
+        jnp.asarray(inc_chars), jnp.asarray(inc_words), jnp.asarray(inc_chars[rep]),
+        jnp.asarray(np.ascontiguousarray(inc_words[:, rep].T)), jnp.asarray(pend), jnp.asarray(tracker), jnp.asarray(lo),
+        jnp.asarray(hi), jnp.asarray(rmin), jnp.asarray(rmax), jnp.asarray(tab_off), jnp.asarray(tab_cap),
+        jnp.asarray(np.concatenate(cums)), jnp.asarray(mt_off), jnp.asarray(mt_cap), jnp.asarray(fixed),
+        jnp.asarray(active),
+    )
+    table = TokenTable(
+        jnp.asarray(np.stack(classes)),
+        jnp.asarray(np.concatenate(auto_of)),
+        jnp.asarray(np.concatenate(row_base).astype(np.int32)),
+        jnp.asarray(np.concatenate(trans)),
+        jnp.asarray(np.concatenate(finals)),
+        jnp.asarray(np.concatenate(pending).astype(np.int32)),
+        jnp.asarray(class_base),
+        jnp.asarray(num_classes),
+        jnp.arange(int(num_classes.max()), dtype=jnp.int32),
+        ca,
+    )
+    return table, offsets
 
 
 def stack_automata(automata: Sequence[Automaton]) -> tuple[TokenTable, list[int]]:
-    """Concatenate automata into one :class:`TokenTable`.
+    """Concatenate automata into one :class:`TokenTable` (no counters).
 
     Returns the table and, for each automaton, the offset of its states, so that automaton ``i``'s local
     state ``s`` is global state ``offsets[i] + s`` (its start is ``offsets[i] + automata[i].start``).
     """
-    if not automata:
-        raise ValueError("stack_automata needs at least one automaton")
-    vocab = {a.next_state.shape[1] for a in automata}
-    if len(vocab) != 1:
-        raise ValueError(f"automata disagree on the vocabulary size: {sorted(vocab)}")
-    offsets, tables, finals, total = [], [], [], 0
-    for a in automata:
-        offsets.append(total)
-        shifted = np.where(a.next_state >= 0, a.next_state + total, DISALLOWED).astype(np.int32)
-        tables.append(shifted)
-        finals.append(np.asarray(a.final, dtype=bool))
-        total += a.num_states
-    table = TokenTable(jnp.asarray(np.concatenate(tables)), jnp.asarray(np.concatenate(finals)))
-    return table, offsets
+    pending = [np.zeros(a.num_states, np.int32) for a in automata]
+    return _table(automata, [None] * len(automata), pending, None)
+
+
+def stack_holes(holes: Sequence["CompiledHole"]) -> tuple[TokenTable, list[int]]:
+    """Concatenate compiled holes (:func:`lmprog.compiler.constraints.compile_hole`) into one table, with
+    their counters. Hole ``i`` starts at global state ``offsets[i] + holes[i].automaton.start``."""
+    if not holes:
+        raise ValueError("stack_holes needs at least one hole")
+    fps = {h.tokenizer_fingerprint for h in holes}
+    if len(fps) != 1:
+        raise ValueError("holes compiled for different tokenizers cannot share a table")
+    incs = (holes[0].inc_chars, holes[0].inc_words)
+    return _table([h.automaton for h in holes], [h.counters for h in holes], [h.pending for h in holes], incs)
