@@ -1,0 +1,162 @@
+"""The Python API of the front end: ``compile``, ``load``, :class:`Program`, and ``check_files`` for the CLI.
+
+>>> import lmprog
+>>> p = lmprog.compile('input country = "France"\\n"The capital of {country} is [city]." where city matches r"[A-Z][a-z]+"')
+>>> list(p.inputs), list(p.holes)
+(['country'], ['city'])
+
+A :class:`Program` is a parsed and checked program; constructing one raises :class:`LmpError` (with every
+problem found) and nothing else for any source text. Running programs arrives with the end-to-end issue.
+"""
+
+from __future__ import annotations
+
+import keyword
+import os
+from pathlib import Path
+from typing import Callable, Mapping, Optional, TextIO
+
+from lmprog.compiler.checks import (CheckedProgram, HoleSpec, ImportSpec, InputSpec, StrategySpec, check_module)
+from lmprog.dsl import ast as A
+from lmprog.dsl.catalog import BUILTINS, DEFAULT_MODEL, DEFAULT_STRATEGY, KEYWORDS
+from lmprog.dsl.errors import Diagnostic, LmpError
+from lmprog.dsl.parser import parse
+from lmprog.dsl.source import SourceFile, Span, normalize_source
+
+__all__ = ["Program", "compile", "load", "check_files", "LmpError", "InputSpec", "HoleSpec", "ImportSpec",
+           "StrategySpec"]
+
+
+class Program:
+    """A parsed, checked .lmp program.
+
+    Attributes:
+        source: the program text (line endings normalised to ``\\n``).
+        filename: the name used in diagnostics (a path for :func:`load`).
+        ast: the :class:`lmprog.dsl.ast.Module`.
+        inputs: ``{name: InputSpec(name, type, default, required)}`` in declaration order.
+        holes: ``{name: HoleSpec(name, constraint, loop_depth, conditional)}`` in order of first definition.
+        hole_definitions: every hole definition (a name defined in several ``if`` branches appears once per branch).
+        model: the ``model`` statement's name, or None (the runtime uses ``default_model``).
+        strategy: the checked ``infer`` statement (``StrategySpec(name, args)``), or None for the default.
+        imports: ``{alias: ImportSpec(alias, path, names)}``.
+        functions: the ``functions=`` callables.
+        returns: ``((key, expr), ...)``: what each sample reports (the ``return`` statement, else every hole).
+    """
+
+    default_model = DEFAULT_MODEL
+    default_strategy = DEFAULT_STRATEGY
+
+    def __init__(self, source: str, filename: str = "<string>", functions: Optional[Mapping[str, Callable]] = None,
+                 base_dir: Optional[os.PathLike] = None):
+        self.functions: dict[str, Callable] = _validate_functions(functions)
+        self.filename = filename
+        self.source = normalize_source(source)
+        try:
+            self.ast: A.Module = parse(self.source, filename)
+            checked = check_module(self.ast, SourceFile(filename, self.source), self.functions,
+                                   Path(base_dir) if base_dir is not None else None)
+        except LmpError:
+            raise
+        except RecursionError:
+            raise LmpError([Diagnostic(Span(filename, 1, 1, 1, 2), "the program is nested too deeply")]) from None
+        except Exception as exc:  # a front-end bug: still one error type for callers (tests assert it never happens)
+            raise LmpError([Diagnostic(Span(filename, 1, 1, 1, 2), f"internal error in the lmprog front end "
+                                       f"(please report it): {type(exc).__name__}: {exc}")]) from exc
+        self._checked: CheckedProgram = checked
+        self.inputs: dict[str, InputSpec] = checked.inputs
+        self.holes: dict[str, HoleSpec] = checked.holes
+        self.hole_definitions: tuple[HoleSpec, ...] = checked.hole_definitions
+        self.imports: dict[str, ImportSpec] = checked.imports
+        self.model: Optional[str] = checked.model
+        self.strategy: Optional[StrategySpec] = checked.strategy
+        self.returns: tuple[tuple[str, A.Expr], ...] = checked.returns
+
+    @property
+    def required_inputs(self) -> list[str]:
+        """Names of inputs without a default (a run must set them)."""
+        return [name for name, spec in self.inputs.items() if spec.required]
+
+    def __repr__(self) -> str:
+        inputs = ", ".join(f"{n}: {s.type}" for n, s in self.inputs.items())
+        return (f"<lmprog.Program {self.filename!r} inputs=({inputs}) holes={list(self.holes)} "
+                f"strategy={self.strategy.name if self.strategy else self.default_strategy}>")
+
+
+def compile(source: str, filename: str = "<string>", functions: Optional[Mapping[str, Callable]] = None) -> Program:
+    """Parse and check program text. Raises :class:`LmpError` listing every problem.
+
+    ``functions={"name": callable}`` makes Python callables available by bare name in expressions, ``factor``,
+    ``condition`` and ``where`` predicates, without an ``import`` file. Relative paths in the program are looked
+    up next to ``filename`` when it names a file, else in the current directory.
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"source must be a str, not {type(source).__name__}")
+    return Program(source, filename, functions)
+
+
+def load(path: str | os.PathLike, functions: Optional[Mapping[str, Callable]] = None) -> Program:
+    """Read, parse and check a ``.lmp`` file. Raises :class:`LmpError` (also for a missing or unreadable file)."""
+    name = os.fspath(path)
+    return Program(_read(name), name, functions)
+
+
+def check_files(paths: list[str], stream: TextIO) -> int:
+    """``lmprog check``: check each file, print diagnostics; 0 if every file is valid, else 2."""
+    status = 0
+    for path in paths:
+        try:
+            load(path)
+        except LmpError as err:
+            _write(stream, err.render() + "\n")
+            status = 2
+        except Exception as exc:  # a bug in the front end must still not show a traceback to the user
+            _write(stream, f"{path}:1:1: internal error while checking: {type(exc).__name__}: {exc}\n")
+            status = 2
+    return status
+
+
+def _read(path: str) -> str:
+    span = Span(path, 0, 0, 0, 0)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise LmpError([Diagnostic(span, "file not found")]) from None
+    except IsADirectoryError:
+        raise LmpError([Diagnostic(span, "is a directory, not a .lmp file")]) from None
+    except OSError as exc:
+        raise LmpError([Diagnostic(span, f"cannot read file: {exc.strerror or exc}")]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start]
+        line = before.count(b"\n") + 1
+        col = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
+        raise LmpError([Diagnostic(Span(path, line, col, line, col + 1),
+                                   f"the file is not valid UTF-8 (byte 0x{data[exc.start]:02x})",
+                                   "save the program as UTF-8")]) from None
+
+
+def _write(stream: TextIO, text: str) -> None:
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:  # e.g. an ASCII terminal: never fail on the em dash or the user's text
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
+
+def _validate_functions(functions: Optional[Mapping[str, Callable]]) -> dict[str, Callable]:
+    if functions is None:
+        return {}
+    if not isinstance(functions, Mapping):
+        raise TypeError("functions must be a mapping of names to callables")
+    out = {}
+    for name, fn in functions.items():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name in KEYWORDS:
+            raise ValueError(f"functions: {name!r} is not a valid name")
+        if name in BUILTINS or name == "range":
+            raise ValueError(f"functions: {name!r} would hide the built-in function of that name")
+        if not callable(fn):
+            raise TypeError(f"functions: {name!r} is not callable")
+        out[name] = fn
+    return out
