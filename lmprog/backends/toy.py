@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tokenizers import AddedToken, Regex, models, pre_tokenizers

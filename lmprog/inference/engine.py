@@ -1,0 +1,473 @@
+"""The driver: walks a :class:`~lmprog.inference.program.SegmentProgram` on the host, running the jitted
+kernels for each segment, and assembles an :class:`~lmprog.inference.result.InferenceResult`.
+
+Per run::
+
+    shared prefix (leading static Text/Observe) -> prefill once, batch 1 -> broadcast to P particles
+    for each later segment:
+        Text / Observe -> kernels.feed (one batched LM call per <= 64 tokens)
+        Hole           -> kernels.begin_hole, then kernels.hole_chunk until every particle is done
+                          (the token loop is a lax.while_loop on the device; one host sync per chunk)
+        Host           -> one Python call for all particles (HostView), kernels.add_log_weight
+        if every particle is dead -> InferenceError naming the segment
+
+Host syncs happen only at segment boundaries and chunk ends, never per token.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmprog.inference.kernel import TRACE_COUNTS, Kernels, get_kernels
+from lmprog.inference.program import (
+    CAUSE_TEXT,
+    Cause,
+    Hole,
+    Host,
+    HostView,
+    InferenceError,
+    Observe,
+    SegmentProgram,
+    Text,
+)
+from lmprog.inference.result import InferenceResult, _logsumexp
+from lmprog.inference.state import Consts, HoleParams, RunState, init_particles
+from lmprog.inference.strategies import BestOf, Strategy, Vote
+
+__all__ = ["run", "Progress"]
+
+FEED_CHUNK = 64  # forced tokens per batched LM call (bounds the [P, T, V] logits of observed text)
+PREFILL_CHUNK = 256  # prompt tokens per prefill call (batch 1)
+BIG = 1 << 30
+
+
+@dataclass
+class Progress:
+    """Passed to the ``progress`` callback after every device chunk of a hole."""
+
+    hole: str
+    steps: int  # decode steps so far in this hole
+    budget: int
+    active: int  # particles still generating
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-int(n) // m) * m
+
+
+@dataclass
+class _Run:
+    lm: object
+    program: SegmentProgram
+    strategy: Strategy
+    kern: Kernels
+    consts: Consts
+    groups: int
+    n: int
+    progress: Callable | None
+    compile_s: float = 0.0
+    ess: list = field(default_factory=list)  # (device ess [k, G], device resampled [k, G], k)
+    data: list | None = None  # host per-particle dicts (aligned with `origin` at the last sync)
+    prefix_text: str = ""
+
+    @property
+    def num(self) -> int:
+        return self.groups * self.n
+
+    def call(self, fn, *args, **kwargs):
+        before = sum(TRACE_COUNTS.values())
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if sum(TRACE_COUNTS.values()) != before:
+            self.compile_s += time.perf_counter() - t
+        return out
+
+    # ---- host views ------------------------------------------------------------------------------
+
+    def view(self, state: RunState) -> tuple[RunState, HostView]:
+        pp = state.particles
+        tokens, lengths, spans, causes, origin = jax.device_get((pp.tokens, pp.length, pp.spans, pp.cause, pp.origin))
+        if self.data is None:
+            self.data = [{} for _ in range(self.num)]
+        self.data = [dict(self.data[int(o)]) for o in origin]
+        state = state._replace(particles=state.particles._replace(origin=jnp.arange(self.num, dtype=jnp.int32)))
+        holes = self.program.holes
+        view = HostView(
+            tokens=[[int(t) for t in tokens[i, : lengths[i]]] for i in range(self.num)],
+            spans=[
+                {
+                    hole.name: (int(spans[i, h, 0]), int(spans[i, h, 1]))
+                    for h, hole in enumerate(holes)
+                    if spans[i, h, 1] > spans[i, h, 0]
+                }
+                for i in range(self.num)
+            ],
+            alive=causes == 0,
+            data=self.data,
+            tokenizer=self.lm.tokenizer,
+            holes={h.name: h for h in holes},
+            prefix_text=self.prefix_text,
+        )
+        return state, view
+
+    # ---- deaths ----------------------------------------------------------------------------------
+
+    def check_alive(self, state: RunState, seg_index: int, seg) -> None:
+        causes = np.asarray(jax.device_get(state.particles.cause))
+        if np.any(causes == 0):
+            return
+        counts = {Cause(int(c)): int(k) for c, k in zip(*np.unique(causes, return_counts=True)) if c != Cause.UNUSED}
+        what = (
+            f"hole {seg.name!r}" if isinstance(seg, Hole) else {Text: "text", Observe: "observe", Host: "host step"}[type(seg)]
+        )
+        reasons = "; ".join(f"{k} x {CAUSE_TEXT.get(c, c.name)}" for c, k in sorted(counts.items()))
+        where = f" at {seg.label}" if seg.label else ""
+        raise InferenceError(
+            f"every particle died in {what}{where} ({reasons})",
+            label=seg.label,
+            segment=seg_index,
+            causes={c.name.lower(): k for c, k in counts.items()},
+        )
+
+
+def _forced_rows(run: _Run, state: RunState, seg) -> tuple[RunState, list[list[int]]]:
+    if seg.tokens is not None:
+        return state, [list(seg.tokens)] * run.num
+    state, view = run.view(state)
+    rows = seg.render(view)
+    rows = [[int(t) for t in r] for r in rows]
+    if len(rows) != run.num:
+        raise ValueError(f"{seg.label or type(seg).__name__}: render returned {len(rows)} rows for {run.num} particles")
+    longest = max((len(r) for r in rows), default=0)
+    if longest > seg.max_tokens:
+        raise ValueError(f"{seg.label or type(seg).__name__}: rendered {longest} tokens, more than max_tokens={seg.max_tokens}")
+    return state, rows
+
+
+def _feed(run: _Run, state: RunState, rows: list[list[int]], observe: bool, pos_bound: int, cache_len: int):
+    """Feed per-particle forced tokens in chunks of FEED_CHUNK columns. Returns (state, new pos_bound)."""
+    longest = max((len(r) for r in rows), default=0)
+    for c0 in range(0, longest, FEED_CHUNK):
+        width = min(FEED_CHUNK, longest - c0)
+        tpad = min(_pow2(width, 8), cache_len - pos_bound)
+        toks = np.zeros((run.num, tpad), np.int32)
+        lens = np.zeros((run.num,), np.int32)
+        for i, r in enumerate(rows):
+            part = r[c0 : c0 + width]
+            toks[i, : len(part)] = part
+            lens[i] = len(part)
+        state = run.call(run.kern.feed, run.lm.params, run.consts, state, jnp.asarray(toks), jnp.asarray(lens), observe=observe)
+        pos_bound += width
+    return state, pos_bound
+
+
+def _hole_params(run: _Run, state: RunState, h: int, hole: Hole, budget: int, slack: int) -> tuple[RunState, HoleParams]:
+    num = run.num
+    s_total = run.program.num_states
+    if callable(hole.start):
+        state, view = run.view(state)
+        start = np.asarray(hole.start(view), np.int64).reshape(-1)
+        if start.shape != (num,):
+            raise ValueError(f"hole {hole.name!r}: start callable returned shape {start.shape}, expected ({num},)")
+    else:
+        start = np.full((num,), int(hole.start))
+    if np.any(start >= s_total) or np.any(start < -1):
+        raise ValueError(f"hole {hole.name!r}: start state out of range [0, {s_total})")
+    i32 = lambda x: jnp.full((num,), x, jnp.int32)  # noqa: E731
+    hp = HoleParams(
+        start=jnp.asarray(start, jnp.int32),
+        hole=i32(h),
+        max_tokens=jnp.int32(budget),
+        max_steps=jnp.int32(budget + slack),
+    )
+    return state, hp
+
+
+def _budget(hole: Hole, strategy: Strategy) -> int:
+    return int(hole.max_tokens if hole.max_tokens is not None else strategy.max_tokens)
+
+
+def run(
+    lm,
+    program: SegmentProgram,
+    strategy: Strategy,
+    *,
+    seed: int = 0,
+    key: jax.Array | None = None,
+    groups: int = 1,
+    chunk: int = 32,
+    progress: Callable[[Progress], None] | None = None,
+) -> InferenceResult:
+    """Run ``program`` on ``lm`` with ``strategy``.
+
+    Args:
+        lm: a :class:`~lmprog.backends.base.LanguageModel`.
+        program: the segment program.
+        strategy: see :mod:`lmprog.inference.strategies`.
+        seed / key: the PRNG seed, or an explicit JAX key (wins). Same key and options -> same result.
+        groups: ``G`` independent copies of the strategy in one batch (``G x particles`` rows; resampling
+            within a group); each group has its own log-evidence estimate. For replicated experiments.
+        chunk: decode steps per device call (the host checks progress between chunks).
+        progress: called with a :class:`Progress` after every chunk.
+
+    Raises:
+        InferenceError: every particle (of every group) died; names the segment's label.
+    """
+    t_start = time.perf_counter()
+    strategy.validate()
+    post = strategy if isinstance(strategy, (BestOf, Vote)) else None
+    base = strategy.base_strategy() if post is not None else strategy
+    if post is not None and groups != 1:
+        raise ValueError(f"{strategy.name} runs a single group")
+    cfg = base.kernel_config(groups=groups, chunk=chunk)
+    kern = get_kernels(lm, cfg)
+    n = base.num_particles
+    num = groups * n
+    tok = lm.tokenizer
+
+    v = program.vocab
+    if v > int(lm.vocab_size):
+        raise ValueError(f"the program's token table has {v} columns but the model has {lm.vocab_size} logits")
+    consts = Consts(
+        table=program.table,
+        temperature=jnp.float32(base.temperature),
+        ess_threshold=jnp.float32(getattr(base, "ess", 0.0)),
+    )
+    pending = np.asarray(jax.device_get(program.table.pending))
+    # Tokens a hole may take beyond its tokens(X) budget: its terminator (>= 1 byte per token) or an EOS.
+    slack = int(pending.max(initial=0)) + 1
+    r = _Run(lm, program, base, kern, consts, groups, n, progress)
+
+    # ---- the shared prefix --------------------------------------------------------------------------
+    segs = program.segments
+    i0 = 0
+    prefix: list[int] = []
+    observed: list[bool] = []
+    prefix_labels: list[str] = []
+    while i0 < len(segs) and isinstance(segs[i0], (Text, Observe)) and segs[i0].tokens is not None:
+        prefix += list(segs[i0].tokens)
+        observed += [isinstance(segs[i0], Observe)] * len(segs[i0].tokens)
+        if isinstance(segs[i0], Observe):
+            prefix_labels.append(segs[i0].label)
+        i0 += 1
+    if not prefix or observed[0]:
+        if tok.bos_id is None:
+            raise ValueError("the program must start with prompt text: the model has no BOS token to condition on")
+        prefix = [int(tok.bos_id)] + prefix
+        observed = [False] + observed
+    t0 = len(prefix)
+    r.prefix_text = tok.decode(prefix, skip_special=True)
+
+    rest = segs[i0:]
+    sizes = []
+    for seg in rest:
+        if isinstance(seg, (Text, Observe)):
+            sizes.append(len(seg.tokens) if seg.tokens is not None else int(seg.max_tokens))
+        elif isinstance(seg, Hole):
+            sizes.append(_budget(seg, base) + slack)
+        else:
+            sizes.append(0)
+    need = t0 + sum(sizes)
+    max_ctx = int(getattr(lm, "max_context", need + 1))
+    if need > max_ctx:
+        raise ValueError(f"the program needs up to {need} tokens of context; {lm.name} supports {max_ctx}")
+    buf_len = _round_up(max(1, sum(sizes)), 32)
+    # Attention cost grows with the cache length: no slack beyond what the program can use (forced-text
+    # blocks are padded only up to the room left, see _feed).
+    cache_len = min(max_ctx, _round_up(need + 1, 16))
+    holes = program.holes
+    hole_index = {id(h): k for k, h in enumerate(holes)}
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+        params = lm.params
+        cache1 = lm.init_cache(1, cache_len)
+        prefix_lp = jnp.float32(0.0)
+        n_prefill = 0
+        feed_toks, targets, obs = prefix[:-1], prefix[1:], observed[1:]
+        for c0 in range(0, len(feed_toks), PREFILL_CHUNK):
+            width = min(PREFILL_CHUNK, len(feed_toks) - c0)
+            tpad = min(_pow2(width, 16), cache_len - c0)
+            a = np.zeros((1, tpad), np.int32)
+            b = np.zeros((1, tpad), np.int32)
+            m = np.zeros((1, tpad), bool)
+            a[0, :width] = feed_toks[c0 : c0 + width]
+            b[0, :width] = targets[c0 : c0 + width]
+            m[0, :width] = obs[c0 : c0 + width]
+            lp, cache1 = r.call(kern.prefill, params, consts, cache1, jnp.asarray(a), jnp.int32(c0), jnp.asarray(b), jnp.asarray(m))
+            prefix_lp = prefix_lp + lp
+            n_prefill += 1
+        prefix_lp = float(prefix_lp)
+        if not prefix_lp > -math.inf:
+            raise InferenceError(
+                f"the observed prompt text has probability 0 at {'; '.join(prefix_labels)}",
+                label="; ".join(prefix_labels),
+                segment=0,
+                causes={"observe": num},
+            )
+        cache = lm.broadcast(cache1, num)
+        del cache1
+
+        parts = init_particles(num, buf_len, len(holes), prefix[-1], t0 - 1)
+        lw0 = prefix_lp if (cfg.weighted or cfg.select == "beam") else 0.0
+        lw = np.full((num,), lw0, np.float32)
+        sc = np.full((num,), prefix_lp, np.float32)
+        cause = np.zeros((num,), np.int32)
+        if cfg.select == "beam":  # identical copies: only beam 0 is a real candidate at the start
+            lw[1:] = sc[1:] = -np.inf
+            cause[1:] = int(Cause.UNUSED)
+        parts = parts._replace(log_weight=jnp.asarray(lw), score=jnp.asarray(sc), cause=jnp.asarray(cause))
+        k = key if key is not None else jax.random.key(seed)
+        state = RunState(
+            particles=parts,
+            cache=cache,
+            log_z=jnp.zeros((groups,), jnp.float32),
+            key=k,
+            n_tokens=jnp.int32(0),
+            n_forward=jnp.int32(0),
+        )
+
+        # ---- the segments after the prefix ----------------------------------------------------------
+        pos_bound = t0 - 1
+        for j, seg in enumerate(rest):
+            seg_index = i0 + j
+            if isinstance(seg, (Text, Observe)):
+                state, rows = _forced_rows(r, state, seg)
+                state, pos_bound = _feed(r, state, rows, isinstance(seg, Observe), pos_bound, cache_len)
+                if isinstance(seg, Observe):
+                    r.check_alive(state, seg_index, seg)
+            elif isinstance(seg, Hole):
+                budget = _budget(seg, base)
+                state, hp = _hole_params(r, state, hole_index[id(seg)], seg, budget, slack)
+                state = r.call(kern.begin_hole, state, hp)
+                steps_done = 0
+                for _ in range((budget + slack) // chunk + 2):
+                    state, ess_buf, res_buf, steps, active = r.call(kern.hole_chunk, params, consts, hp, state)
+                    steps, active = int(steps), int(active)
+                    steps_done += steps
+                    r.ess.append((ess_buf, res_buf, steps))
+                    if progress is not None:
+                        progress(Progress(seg.name, steps_done, budget, active))
+                    if active == 0:
+                        break
+                else:  # pragma: no cover - the budget rule guarantees termination
+                    raise RuntimeError(f"hole {seg.name!r} did not finish within its budget of {budget} tokens")
+                pos_bound += budget + slack
+                if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
+                    state = r.call(kern.refine_causes, consts, hp, state)
+                r.check_alive(state, seg_index, seg)
+            elif isinstance(seg, Host):
+                state, view = r.view(state)
+                inc = seg.fn(view)
+                if inc is not None:
+                    inc = np.asarray(inc, np.float32).reshape(-1)
+                    if inc.shape != (num,):
+                        raise ValueError(f"{seg.label or 'host step'}: returned {inc.shape[0]} values for {num} particles")
+                    if np.isnan(inc).any() or np.isposinf(inc).any():
+                        raise ValueError(f"{seg.label or 'host step'}: log-weight increments must be finite or -inf")
+                    state = r.call(kern.add_log_weight, state, jnp.asarray(inc))
+                    r.check_alive(state, seg_index, seg)
+
+        result = _assemble(r, state, prefix, prefix_lp, n_prefill, t_start)
+    if post is not None:
+        result = _postprocess(post, result)
+    result.stats["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _assemble(r: _Run, state: RunState, prefix, prefix_lp, n_prefill, t_start) -> InferenceResult:
+    g, n = r.groups, r.n
+    p = jax.device_get(state.particles)
+    log_z_acc, n_tokens, n_forward = jax.device_get((state.log_z, state.n_tokens, state.n_forward))
+    shape = lambda a: np.asarray(a).reshape((g, n) + np.asarray(a).shape[1:])  # noqa: E731
+    lw = shape(p.log_weight).astype(np.float64)
+    cfg = r.kern.cfg
+    if cfg.weighted:
+        lw = lw + np.asarray(log_z_acc, np.float64)[:, None]
+        log_z = _logsumexp(lw) - math.log(n)
+    else:
+        log_z = None
+    if r.data is not None:
+        data = [dict(r.data[int(o)]) for o in p.origin]
+    else:
+        data = [{} for _ in range(g * n)]
+    if r.ess:
+        ess = np.concatenate([np.asarray(e)[:k] for e, _, k in r.ess]).reshape(-1, g)
+        res = np.concatenate([np.asarray(d)[:k] for _, d, k in r.ess]).reshape(-1, g)
+    else:
+        ess, res = np.zeros((0, g)), np.zeros((0, g), bool)
+    return InferenceResult(
+        strategy=r.strategy.name,
+        properly_weighted=r.strategy.properly_weighted,
+        options=r.strategy.options(),
+        holes=r.program.holes,
+        tokenizer=r.lm.tokenizer,
+        prefix_text=r.prefix_text,
+        prefix_tokens=list(prefix),
+        tokens=shape(p.tokens),
+        lengths=shape(p.length),
+        spans=shape(p.spans),
+        log_weights=lw,
+        scores=shape(p.score).astype(np.float64),
+        causes=shape(p.cause),
+        hole_logprobs=shape(p.hole_logp).astype(np.float64),
+        log_z=log_z,
+        ess=ess,
+        resampled=res,
+        stats={
+            "tokens": int(n_tokens),
+            "prefill_tokens": len(prefix) - 1,
+            "forward_passes": int(n_forward) + n_prefill,
+            "wall_s": time.perf_counter() - t_start,
+            "compile_s": r.compile_s,
+            "particles": n,
+            "groups": g,
+            "prefix_logprob": prefix_lp,
+        },
+        data=[data[k * n : (k + 1) * n] for k in range(g)],
+    )
+
+
+def _postprocess(strategy: Strategy, result: InferenceResult) -> InferenceResult:
+    samples = result.samples
+    if isinstance(strategy, BestOf):
+        scores = np.array([float(strategy.score(s)) if s.alive else -np.inf for s in samples])
+        best = scores == np.max(scores)
+        weights = (best / best.sum())[None, :]
+        result.extra["best_of_scores"] = scores
+        result.extra["weights"] = weights
+        result.scores = scores[None, :]
+        result.log_weights = np.where(best, 0.0, -np.inf)[None, :]
+        result.log_z = None
+    else:
+        assert isinstance(strategy, Vote)
+        tally: dict = {}
+        for s in samples:
+            if s.alive and s.weight > 0:
+                kk = strategy.key(s)
+                tally[kk] = tally.get(kk, 0.0) + s.weight
+        total = sum(tally.values())
+        table = sorted(((kk, w / total) for kk, w in tally.items()), key=lambda kv: (-kv[1], repr(kv[0])))
+        result.extra["vote"] = table
+        result.extra["winner"] = table[0][0] if table else None
+        result.extra["key"] = strategy.key
+        if not strategy.properly_weighted:
+            result.log_z = None
+    result.strategy = strategy.name
+    result.properly_weighted = strategy.properly_weighted
+    result.options = strategy.options()
+    result._samples.clear()  # decoded samples and weights are recomputed from the new scores/weights
+    return result
+

@@ -1,0 +1,432 @@
+"""The jitted kernels: prefill, forced text, the hole step (decode -> mask -> sample -> weight -> resample).
+
+One :class:`Kernels` object per (model, :class:`KernelConfig`) holds the compiled functions. Everything
+that varies between holes and programs (automaton start states, budgets, end rules, counter bounds,
+temperature, the token table) is a traced argument, so a run compiles each kernel once per set of array
+shapes; :data:`TRACE_COUNTS` counts traces so tests can check that nothing retraces inside the loop.
+
+The token loop runs on the device: :meth:`Kernels.hole_chunk` is a ``lax.while_loop`` over up to
+``chunk`` decode steps that stops early when every particle has finished the hole. The host calls it
+again until the hole is complete (one host sync per chunk, for progress reporting), never per token.
+The run state (particles and KV cache) is donated to every kernel so it is updated in place.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lmprog.compiler.automaton import TokenTable
+from lmprog.inference import resampling
+from lmprog.inference.program import Cause
+from lmprog.inference.state import Consts, HoleParams, Particles, RunState
+
+__all__ = ["KernelConfig", "Kernels", "TRACE_COUNTS", "get_kernels"]
+
+#: Number of times each kernel body has been traced (incremented at trace time only).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+NEG_INF = -jnp.inf
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Static (compile-time) choices of a strategy.
+
+    Attributes:
+        select: ``"sample"`` (from the masked, renormalized proposal), ``"argmax"`` (greedy) or ``"beam"``.
+        weighted: add the allowed mass / observe log-probs / factors to the log-weight (proper weighting).
+        resampler: a name in :data:`~lmprog.inference.resampling.RESAMPLERS`, or ``None`` (never resample).
+        groups: independent copies of the algorithm in one batch (resampling stays within a group).
+        chunk: decode steps per device call.
+    """
+
+    select: str = "sample"
+    weighted: bool = True
+    resampler: str | None = None
+    groups: int = 1
+    chunk: int = 32
+
+    def __post_init__(self):
+        if self.select not in ("sample", "argmax", "beam"):
+            raise ValueError(f"unknown select rule {self.select!r}")
+        if self.resampler is not None:
+            resampling.get_resampler(self.resampler)
+        if self.select == "beam" and (self.resampler is not None or self.groups != 1):
+            raise ValueError("beam search has no resampling and a single group")
+
+
+def _safe_max(x, axis=-1, keepdims=False):
+    m = jnp.max(x, axis=axis, keepdims=keepdims)
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def sample_masked(key: jax.Array, masked_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One token per row from ``softmax(masked_logits)`` by inverse CDF with a single uniform per row, and
+    ``logsumexp(masked_logits)`` per row (from the same pass).
+
+    ``-inf`` entries (disallowed tokens) have probability exactly 0 and are never chosen (the query is
+    clamped strictly below the row total and the lookup skips flat CDF steps, as in resampling). A row
+    with no allowed token returns an arbitrary index and ``-inf``; callers mask it.
+    """
+    m = _safe_max(masked_logits, keepdims=True)
+    probs = jnp.exp(masked_logits - m)
+    cdf = jnp.cumsum(probs, axis=-1)
+    total = cdf[:, -1]
+    u = jax.random.uniform(key, total.shape, dtype=cdf.dtype)
+    q = jnp.clip(u * total, 0, jnp.nextafter(total, jnp.zeros_like(total)))
+    tok = jnp.sum(cdf <= q[:, None], axis=-1)  # = searchsorted(cdf, q, side="right")
+    log_total = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + m[:, 0], NEG_INF)
+    return jnp.minimum(tok, masked_logits.shape[-1] - 1).astype(jnp.int32), log_total
+
+
+class Kernels:
+    """Compiled kernels for one model and one :class:`KernelConfig`."""
+
+    def __init__(self, lm, cfg: KernelConfig):
+        self.lm = lm
+        self.cfg = cfg
+        self.prefill = jax.jit(self._prefill)
+        self.feed = jax.jit(self._feed, static_argnames=("observe",), donate_argnames=("state",))
+        self.begin_hole = jax.jit(self._begin_hole, donate_argnames=("state",))
+        self.hole_chunk = jax.jit(self._hole_chunk, donate_argnames=("state",))
+        self.add_log_weight = jax.jit(self._add_log_weight, donate_argnames=("state",))
+        self.refine_causes = jax.jit(self._refine_causes, donate_argnames=("state",))
+
+    # ------------------------------------------------------------------------------------------------
+    # Prefill of the shared prefix (batch 1)
+    # ------------------------------------------------------------------------------------------------
+
+    def _prefill(self, params, consts: Consts, cache, tokens, position, targets, observed):
+        """Feed ``tokens [1, T]`` at ``position`` into a one-row cache; return the summed log-probability of
+        ``targets [1, T]`` where ``observed`` (``targets[t]`` is the prefix token after ``tokens[t]``).
+        Without observed tokens the logits are unused and XLA drops the LM head."""
+        TRACE_COUNTS["prefill"] += 1
+        v = consts.table.token_class.shape[1]
+        logits, cache = self.lm.apply(params, cache, tokens, jnp.reshape(position, (1,)).astype(jnp.int32))
+        logp = jax.nn.log_softmax(logits[..., :v].astype(jnp.float32) / consts.temperature, axis=-1)
+        lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(observed, lp, 0.0)), cache
+
+    # ------------------------------------------------------------------------------------------------
+    # Forced tokens (Text / Observe)
+    # ------------------------------------------------------------------------------------------------
+
+    def _feed(self, params, consts: Consts, state: RunState, tokens, lengths, observe: bool):
+        """Append ``tokens[i, :lengths[i]]`` to particle ``i`` (padded ``[P, T]``); with ``observe`` add their
+        log-probability to the weight. Padded slots write junk cache entries past each row's end: they are
+        overwritten before any query can attend to them."""
+        TRACE_COUNTS["feed"] += 1
+        cfg = self.cfg
+        p = state.particles
+        num, t = tokens.shape
+        v = consts.table.token_class.shape[1]
+        x = jnp.concatenate([p.last[:, None], tokens[:, :-1]], axis=1)
+        logits, cache = self.lm.apply(params, state.cache, x, p.position)
+        valid = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths[:, None]
+        alive = p.cause == 0
+        if observe:
+            logp = jax.nn.log_softmax(logits[..., :v] / consts.temperature, axis=-1)
+            lp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+            obs = jnp.sum(jnp.where(valid, lp, 0.0), axis=1)
+            died = alive & ~(obs > NEG_INF)
+            inc = jnp.where(alive, obs, 0.0)
+            score = p.score + inc
+            log_weight = p.log_weight + inc if (cfg.weighted or cfg.select == "beam") else p.log_weight
+            log_weight = jnp.where(died, NEG_INF, log_weight)
+            cause = jnp.where(died, int(Cause.OBSERVE), p.cause)
+        else:
+            score, log_weight, cause = p.score, p.log_weight, p.cause
+        rows = jnp.arange(num)[:, None]
+        slots = jnp.where(valid, p.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], p.tokens.shape[1])
+        buf = p.tokens.at[rows, slots].set(tokens, mode="drop")
+        last_idx = jnp.maximum(lengths - 1, 0)
+        last = jnp.where(lengths > 0, jnp.take_along_axis(tokens, last_idx[:, None], axis=1)[:, 0], p.last)
+        p = p._replace(
+            last=last,
+            position=p.position + lengths,
+            length=p.length + lengths,
+            tokens=buf,
+            score=score,
+            log_weight=log_weight,
+            cause=cause,
+        )
+        return state._replace(
+            particles=p,
+            cache=cache,
+            n_tokens=state.n_tokens + jnp.sum(jnp.where(alive, lengths, 0)),
+            n_forward=state.n_forward + 1,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Host log-weight increments (condition / factor)
+    # ------------------------------------------------------------------------------------------------
+
+    def _add_log_weight(self, state: RunState, inc):
+        TRACE_COUNTS["add_log_weight"] += 1
+        p = state.particles
+        alive = p.cause == 0
+        inc = jnp.where(alive, inc.astype(jnp.float32), 0.0)
+        died = alive & ~(inc > NEG_INF)
+        log_weight = p.log_weight + inc if (self.cfg.weighted or self.cfg.select == "beam") else p.log_weight
+        p = p._replace(
+            score=p.score + inc,
+            log_weight=jnp.where(died, NEG_INF, log_weight),
+            cause=jnp.where(died, int(Cause.HOST), p.cause),
+        )
+        return state._replace(particles=p)
+
+    # ------------------------------------------------------------------------------------------------
+    # Holes
+    # ------------------------------------------------------------------------------------------------
+
+    def _begin_hole(self, state: RunState, hp: HoleParams):
+        TRACE_COUNTS["begin_hole"] += 1
+        p = state.particles
+        num, h = p.spans.shape[:2]
+        enter = (hp.start >= 0) & (p.cause == 0)
+        hole_idx = jnp.where(enter, hp.hole, h)  # h: out of range, dropped
+        span = jnp.stack([p.length, p.length], axis=-1)
+        p = p._replace(
+            auto=jnp.where(enter, hp.start, -1),
+            counts=jnp.zeros_like(p.counts),
+            hole=jnp.where(enter, hp.hole, -1),
+            n_hole=jnp.zeros_like(p.n_hole),
+            done=~enter,
+            spans=p.spans.at[jnp.arange(num), hole_idx].set(span, mode="drop"),
+        )
+        return state._replace(particles=p)
+
+    @staticmethod
+    def _mask(consts: Consts, hp: HoleParams, p: Particles):
+        """``[P, V]`` allowed tokens: exactly those after which the hole can still be completed within its
+        budget (``TokenTable.mask``: automaton, terminator, counters, ``max_tokens``), under the hard cap."""
+        ok = consts.table.mask(p.auto, p.counts, hp.max_tokens)
+        return ok & (p.n_hole < hp.max_steps)[:, None]  # (max_tokens, max_steps: scalars)
+
+    def _refine_causes(self, consts: Consts, hp: HoleParams, state: RunState):
+        """Why the particles that died in the hole just run died. The token loop only marks them ``DEAD``
+        (keeping the step lean); their automaton state, counts and token count stay as they were at death
+        until the next hole, so this runs once after the loop, only when someone died:
+
+        * ``CONSTRAINT``: the automaton allows no token, or the LM gives every allowed token probability 0;
+        * ``BUDGET``: tokens would be allowed without the ``max_tokens`` budget (or the hard cap was hit);
+        * ``COUNTER``: the hole's own ``tokens``/``len``/``words`` bounds leave no way to finish.
+        """
+        TRACE_COUNTS["refine_causes"] += 1
+        p = state.particles
+        table: TokenTable = consts.table
+        auto_any = jnp.any(table.next_states(p.auto) >= 0, axis=-1)
+        budgeted = jnp.any(self._mask(consts, hp, p), axis=-1)
+        unbudgeted = jnp.any(table.mask(p.auto, p.counts), axis=-1)
+        cause = jnp.where(
+            ~auto_any | budgeted,
+            int(Cause.CONSTRAINT),
+            jnp.where(unbudgeted | (p.n_hole >= hp.max_steps), int(Cause.BUDGET), int(Cause.COUNTER)),
+        )
+        return state._replace(particles=p._replace(cause=jnp.where(p.cause == int(Cause.DEAD), cause, p.cause)))
+
+    def _logits(self, params, consts: Consts, state: RunState):
+        """Tempered next-token logits ``[P, V]`` (``V``: the token table's width) and the updated cache."""
+        p = state.particles
+        v = consts.table.token_class.shape[1]
+        logits, cache = self.lm.apply(params, state.cache, p.last[:, None], p.position)
+        return logits[:, 0, :v].astype(jnp.float32) / consts.temperature, cache
+
+    @staticmethod
+    def _advance(consts: Consts, p: Particles, alive, tok, lp_tok, inc_w, died, cause_new):
+        """Apply the chosen tokens (rows where ``alive``); record deaths."""
+        num = p.last.shape[0]
+        rows = jnp.arange(num)
+        h = p.spans.shape[1]
+        new_len = p.length + alive
+        hole_idx = jnp.where(alive, p.hole, h)
+        new_auto, new_counts = consts.table.step(p.auto, p.counts, tok)
+        ends = consts.table.done(new_auto, new_counts)
+        auto = jnp.where(alive, new_auto, p.auto)
+        return p._replace(
+            last=jnp.where(alive, tok, p.last),
+            position=p.position + alive,
+            length=new_len,
+            tokens=p.tokens.at[rows, jnp.where(alive, p.length, p.tokens.shape[1])].set(tok, mode="drop"),
+            auto=auto,
+            counts=jnp.where(alive[:, None], new_counts, p.counts),
+            n_hole=p.n_hole + alive,
+            done=p.done | (alive & ends) | died,
+            log_weight=jnp.where(died, NEG_INF, p.log_weight + jnp.where(alive, inc_w, 0.0)),
+            score=jnp.where(died, NEG_INF, p.score + jnp.where(alive, lp_tok, 0.0)),
+            cause=jnp.where(died, cause_new, p.cause),
+            spans=p.spans.at[rows, hole_idx, 1].set(new_len, mode="drop"),
+            hole_logp=p.hole_logp.at[rows, hole_idx].add(lp_tok, mode="drop"),
+        )
+
+    def _sample_step(self, params, consts: Consts, hp: HoleParams, state: RunState, key):
+        """One decode step for every particle: sample (or argmax) from the masked, renormalized proposal."""
+        p = state.particles
+        z, cache = self._logits(params, consts, state)
+        ok = self._mask(consts, hp, p)
+        active = ~p.done
+        lse_all = jax.nn.logsumexp(z, axis=-1)
+        masked = jnp.where(ok, z, NEG_INF)
+        if self.cfg.select == "argmax":
+            tok = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+            lse_masked = jax.nn.logsumexp(masked, axis=-1)
+        else:
+            tok, lse_masked = sample_masked(key, masked)
+        log_mass = lse_masked - lse_all  # log of the allowed probability mass
+        alive = active & (log_mass > NEG_INF)
+        died = active & ~alive
+        tok = jnp.where(alive, tok, 0)
+        lp_tok = jnp.take_along_axis(z, tok[:, None], axis=1)[:, 0] - lse_all
+        cause = jnp.full_like(p.cause, int(Cause.DEAD))  # told apart after the hole: _refine_causes
+        # Proper weighting: w *= p(x) / q(x) = allowed mass, since q = p restricted to the allowed set.
+        inc_w = log_mass if self.cfg.weighted else jnp.zeros_like(log_mass)
+        p = self._advance(consts, p, alive, tok, lp_tok, inc_w, died, cause)
+        return state._replace(
+            particles=p,
+            cache=cache,
+            n_tokens=state.n_tokens + jnp.sum(alive),
+            n_forward=state.n_forward + 1,
+        )
+
+    def _beam_step(self, params, consts: Consts, hp: HoleParams, state: RunState, key):
+        """One beam step: the ``P`` best of every live beam's allowed extensions and every finished beam,
+        by score (log target density). Beams are reordered (and the cache with them) every step."""
+        p = state.particles
+        num = p.last.shape[0]
+        z, cache = self._logits(params, consts, state)
+        logp = jax.nn.log_softmax(z, axis=-1)
+        ok = self._mask(consts, hp, p)
+        v = logp.shape[1]
+        active = ~p.done & (p.cause == 0)
+        masked = jnp.where(ok, logp, NEG_INF)
+        had_token = jnp.any(masked > NEG_INF, axis=-1)
+        cand = jnp.where(active[:, None], p.score[:, None] + masked, NEG_INF)
+        stay = jnp.where(~active & (p.cause == 0), p.score, NEG_INF)
+        top, idx = lax.top_k(jnp.concatenate([cand.reshape(-1), stay]), num)
+        is_stay = idx >= num * v
+        anc = jnp.where(is_stay, idx - num * v, idx // v).astype(jnp.int32)
+        tok = jnp.where(is_stay, 0, idx % v).astype(jnp.int32)
+        expand = ~is_stay & (top > NEG_INF)
+        dead = ~(top > NEG_INF)
+        # Why a pick with score -inf is dead: its ancestor was already dead, or had no allowed token (DEAD,
+        # refined after the hole; the pick carries the ancestor's state); otherwise it is a filler (fewer
+        # finite candidates than beams).
+        row_cause = jnp.where(
+            p.cause[anc] != 0,
+            p.cause[anc],
+            jnp.where(active[anc] & ~had_token[anc], int(Cause.DEAD), int(Cause.UNUSED)),
+        )
+        q = jax.tree.map(lambda x: jnp.take(x, anc, axis=0), p)
+        q = q._replace(done=q.done | ~expand)  # a stay beam stays done; a dead pick is done
+        cache = self.lm.reorder(cache, anc)
+        q = self._advance(
+            consts, q, expand, tok, logp[anc, tok], jnp.zeros((num,), jnp.float32), dead & (q.cause == 0), row_cause
+        )
+        q = q._replace(log_weight=q.score)
+        return state._replace(
+            particles=q,
+            cache=cache,
+            n_tokens=state.n_tokens + jnp.sum(expand),
+            n_forward=state.n_forward + 1,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Resampling
+    # ------------------------------------------------------------------------------------------------
+
+    def _maybe_resample(self, consts: Consts, state: RunState, key):
+        """ESS per group; resample the groups whose ESS fell below the threshold.
+
+        Resampling sets a group's log-weights to 0 and adds ``logsumexp(w) - log N`` to its ``log_z``, so
+        ``log_z + logsumexp(log_weight) - log N`` (the log-evidence estimate) is unchanged by it: the
+        estimate is correct whether or not a step resampled.
+        """
+        cfg = self.cfg
+        p = state.particles
+        num = p.last.shape[0]
+        g = cfg.groups
+        n = num // g
+        lw = p.log_weight.reshape(g, n)
+        ess = resampling.ess(lw)
+        if cfg.resampler is None:
+            return state, ess, jnp.zeros((g,), bool)
+        lse = jax.nn.logsumexp(lw, axis=1)
+        thr = consts.ess_threshold
+        # A group whose particles all died has nothing to resample from; ess >= 1 means every step.
+        do = (lse > NEG_INF) & ((thr >= 1.0) | (ess < thr * n))
+        # No point resampling a group where every particle has finished the hole. Weight changes between
+        # holes (observed text, host factors) are taken into account at the next check, after the next token.
+        do = do & jnp.any((~p.done).reshape(g, n), axis=1)
+        resampler = resampling.get_resampler(cfg.resampler)
+
+        def go(state: RunState) -> RunState:
+            w = resampling.normalized_weights(lw)
+            keys = jax.random.split(key, g)
+            anc = jax.vmap(resampler, in_axes=(0, 0, None))(keys, w, n)
+            anc = jnp.where(do[:, None], anc, jnp.arange(n, dtype=jnp.int32)[None, :])
+            anc = (anc + (jnp.arange(g, dtype=jnp.int32) * n)[:, None]).reshape(num)
+            q = jax.tree.map(lambda x: jnp.take(x, anc, axis=0), state.particles)
+            q = q._replace(log_weight=jnp.where(do[:, None], 0.0, lw).reshape(num))
+            return state._replace(
+                particles=q,
+                cache=self.lm.reorder(state.cache, anc),
+                log_z=state.log_z + jnp.where(do, lse - math.log(n), 0.0),
+            )
+
+        state = lax.cond(jnp.any(do), go, lambda s: s, state)
+        return state, ess, do
+
+    # ------------------------------------------------------------------------------------------------
+    # The token loop
+    # ------------------------------------------------------------------------------------------------
+
+    def _hole_chunk(self, params, consts: Consts, hp: HoleParams, state: RunState):
+        """Up to ``chunk`` decode steps, stopping early once every particle has finished the hole.
+
+        Returns ``(state, ess [chunk, G], resampled [chunk, G], steps, still_active)``; rows of the ESS
+        history past ``steps`` are NaN.
+        """
+        TRACE_COUNTS["hole_chunk"] += 1
+        cfg = self.cfg
+        g = cfg.groups
+        step = self._beam_step if cfg.select == "beam" else self._sample_step
+
+        def cond(c):
+            i, st, _, _ = c
+            return (i < cfg.chunk) & jnp.any(~st.particles.done)
+
+        def body(c):
+            i, st, ess_buf, res_buf = c
+            key, k_step, k_res = jax.random.split(st.key, 3)
+            st = step(params, consts, hp, st._replace(key=key), k_step)
+            st, ess, did = self._maybe_resample(consts, st, k_res)
+            return i + 1, st, ess_buf.at[i].set(ess), res_buf.at[i].set(did)
+
+        init = (
+            jnp.int32(0),
+            state,
+            jnp.full((cfg.chunk, g), jnp.nan, jnp.float32),
+            jnp.zeros((cfg.chunk, g), bool),
+        )
+        steps, state, ess_buf, res_buf = lax.while_loop(cond, body, init)
+        return state, ess_buf, res_buf, steps, jnp.sum(~state.particles.done)
+
+
+_KERNELS: dict = {}
+
+
+def get_kernels(lm, cfg: KernelConfig) -> Kernels:
+    """The (cached) kernels for ``lm`` and ``cfg``: one compilation per model, config and shapes."""
+    key = (id(lm), cfg)
+    hit = _KERNELS.get(key)
+    if hit is not None and hit.lm is lm:
+        return hit
+    k = Kernels(lm, cfg)
+    _KERNELS[key] = k
+    return k
