@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmprog.backends.base import LanguageModel
+from lmprog.inference.kernel import sample_masked
 
 
 class Samples(NamedTuple):
@@ -41,10 +42,11 @@ def _sample_loop(lm, params, cache, first_logits, start, key, batch: int, n_toke
 
     def step(carry, key_t):
         logits, cache, pos, done, total = carry
-        logp = jax.nn.log_softmax(logits / temperature, axis=-1)
-        tok = jax.random.categorical(key_t, logp, axis=-1).astype(jnp.int32)
+        scaled = logits / temperature
+        tok, log_norm = sample_masked(key_t, scaled)  # one uniform per row, not a Gumbel per vocabulary entry
         tok = jnp.where(done, eos[0], tok)
-        total = total + jnp.where(done, 0.0, jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0])
+        logp_tok = jnp.take_along_axis(scaled, tok[:, None], axis=1)[:, 0] - log_norm
+        total = total + jnp.where(done, 0.0, logp_tok)
         done = done | jnp.isin(tok, eos)
         new_logits, cache = lm.apply(params, cache, tok[:, None], pos)
         return (new_logits[:, 0], cache, pos + 1, done, total), tok
