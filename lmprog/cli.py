@@ -1,4 +1,4 @@
-"""The ``lmprog`` command line: check, models, generate, demo (run/batch arrive with the end-to-end issue).
+"""The ``lmprog`` command line: check, run, batch, models, generate, demo.
 
 Exit codes: 0 success, 2 bad input (program errors, bad arguments), 1 runtime failures. No command
 prints a Python traceback for a user error.
@@ -70,6 +70,193 @@ def _cmd_demo(args) -> int:
     return _generate(args.model, DEMO_PROMPT, 40, 3, args.seed, 0.8, "continuation")
 
 
+# ------------------------------------------------------------------------------------------- run / batch
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise _UsageError(f"--set expects NAME=VALUE, got {item!r}")
+        out[name.strip()] = value
+    return out
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _run_options(args) -> dict:
+    return dict(particles=args.particles, seed=args.seed, strategy=args.strategy, max_tokens=args.max_tokens,
+                temperature=args.temperature, model=args.model)
+
+
+def _progress_runner(console, enabled: bool):
+    """A context manager yielding an engine progress callback that shows a bar after ~1.5 s."""
+    import contextlib
+    import time
+
+    @contextlib.contextmanager
+    def manager():
+        if not enabled:
+            yield None
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TimeElapsedColumn(), console=console, transient=True)
+        state = {"task": None, "t0": time.perf_counter(), "started": False}
+
+        def callback(p):
+            if not state["started"]:
+                if time.perf_counter() - state["t0"] < 1.5:
+                    return
+                bar.start()
+                state["started"] = True
+            desc = f"hole {p.hole}: {p.active} active"
+            if state["task"] is None:
+                state["task"] = bar.add_task(desc, total=max(int(p.budget), 1))
+            bar.update(state["task"], description=desc, completed=min(int(p.steps), int(p.budget)),
+                       total=max(int(p.budget), 1))
+
+        try:
+            yield callback
+        finally:
+            if state["started"]:
+                bar.stop()
+
+    return manager()
+
+
+def _print_result(console, result, path: str) -> None:
+    from rich.table import Table
+
+    st = result.stats
+    title = (f"{path} — {result.strategy}"
+             + ("" if result.properly_weighted else " (not properly weighted: a baseline, not the posterior)"))
+    table = Table(title=title, title_justify="left")
+    table.add_column("probability", justify="right")
+    keys = list(result.posterior[0][0]) if result.posterior else []
+    for k in keys:
+        table.add_column(k, overflow="fold")
+    for value, p in result.posterior[:20]:
+        table.add_row(f"{p:.3f}", *[_cell(value.get(k)) for k in keys])
+    console.print(table)
+    if len(result.posterior) > 20:
+        console.print(f"[dim]... {len(result.posterior) - 20} more values (use --json for all)[/dim]")
+    ess = result.ess
+    ess_text = f"{min(ess):.1f} min, {ess[-1]:.1f} final" if ess else "n/a"
+    logz = f"{result.log_evidence:.3f}" if result.log_evidence is not None else "n/a"
+    console.print(
+        f"log Z = {logz}   ESS = {ess_text}   particles = {st.get('particles')} ({st.get('dead', 0)} dead)   "
+        f"tokens = {st.get('tokens')}   forward passes = {st.get('forward_passes')}   "
+        f"wall = {st.get('wall_s', 0):.2f} s   compile = {st.get('compile_s', 0):.2f} s"
+    )
+
+
+def _cell(v) -> str:
+    import json
+
+    if isinstance(v, str):
+        return v
+    return json.dumps(v, ensure_ascii=False)
+
+
+def _cmd_run(args) -> int:
+    from rich.console import Console
+
+    from lmprog.program import load
+
+    console = Console(stderr=args.json)
+    program = load(args.file)
+    sets = _parse_sets(args.set)
+    from lmprog.runner import get_model, run_program
+
+    model = args.model or program.model or program.default_model
+    with console.status(f"loading {model} ...") if not args.json else _null():
+        lm = get_model(model)
+    with _progress_runner(console, not args.json) as progress:
+        result = run_program(program, sets, from_text=True, lm=lm, progress=progress,
+                             **{k: v for k, v in _run_options(args).items() if k != "model"})
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(result.to_json() + "\n")
+    if args.json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        _print_result(console, result, args.file)
+    return 0
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _cmd_batch(args) -> int:
+    import json
+
+    from rich.console import Console
+
+    from lmprog.compiler.lower import RunError
+    from lmprog.dsl.errors import LmpError
+    from lmprog.inference import InferenceError
+    from lmprog.program import load
+    from lmprog.runner import get_model, run_program
+
+    console = Console(stderr=True)
+    program = load(args.file)
+    try:
+        with open(args.inputs, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {args.inputs}: {exc.strerror or exc}") from None
+    model = args.model or program.model or program.default_model
+    with console.status(f"loading {model} ..."):
+        lm = get_model(model)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    failed = 0
+    rows = [(i, line) for i, line in enumerate(lines) if line.strip()]
+    try:
+        for n, (i, line) in enumerate(rows):
+            record: dict
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("a row must be a JSON object of input values")
+                with console.status(f"row {n + 1}/{len(rows)} ..."):
+                    result = run_program(program, row, lm=lm, **{k: v for k, v in _run_options(args).items()
+                                                                  if k != "model"})
+                record = {"row": n, "inputs": row, **result.to_dict()}
+            except json.JSONDecodeError as exc:
+                record = {"row": n, "error": f"{args.inputs}:{i + 1}: not valid JSON: {exc.msg}"}
+            except (LmpError, InferenceError, RunError, ValueError, TypeError) as exc:
+                record = {"row": n, "error": str(exc)}
+            if "error" in record:
+                failed += 1
+                console.print(f"[red]row {n} ({args.inputs}:{i + 1}):[/red] {record['error']}", markup=True,
+                              highlight=False)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    console.print(f"{len(rows) - failed}/{len(rows)} rows ok" + (f" -> {args.out}" if args.out else ""))
+    return 1 if failed else 0
+
+
+def _add_run_options(p) -> None:
+    p.add_argument("--particles", type=_positive_int, default=None,
+                   help="particles (or n / width) of the program's strategy")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--strategy", default=None, help="override the program's infer strategy by name")
+    p.add_argument("--max-tokens", dest="max_tokens", type=_positive_int, default=None)
+    p.add_argument("--temperature", type=_positive_float, default=None)
+    p.add_argument("--model", default=None, help="a registered model name, a .gguf file or a HF folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmprog", description="Probabilistic programs over language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="parse and check .lmp files; exit 0 if all are valid, 2 otherwise")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("run", help="run a .lmp program and print the posterior")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="set an input (repeatable)")
+    _add_run_options(p)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--out", default=None, metavar="F", help="also write the JSON result to F")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("batch", help="run a program once per JSON line of inputs; one JSON line per row")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("inputs", metavar="INPUTS.jsonl")
+    p.add_argument("--out", default=None, metavar="OUT.jsonl", help="output file (default: stdout)")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("models", help="list the registered models and where they are installed")
     p.set_defaults(func=_cmd_models)
@@ -124,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmprog.backends.loaders import ModelLoadError
     from lmprog.backends.registry import ModelNotFoundError
     from lmprog.backends.tokenizer import TokenizerError
+    from lmprog.dsl.errors import LmpError
 
     try:
         return int(args.func(args) or 0)
@@ -136,6 +339,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad option values caught below argparse (e.g. prompt longer than the context)
         print(f"lmprog: error: {exc}", file=sys.stderr)
         return 2
+    except (LmpError, _UsageError) as exc:  # program and input errors: located messages
+        print(str(exc), file=sys.stderr)
+        return 2
+    except Exception as exc:  # runtime failures (every particle died, ...): a message, never a traceback
+        if _is_runtime_failure(exc):
+            print(f"lmprog: run failed: {exc}", file=sys.stderr)
+        else:
+            print(f"lmprog: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _is_runtime_failure(exc: Exception) -> bool:
+    """InferenceError / RunError, without importing JAX for commands that never ran anything."""
+    engine = sys.modules.get("lmprog.inference.program")
+    lower = sys.modules.get("lmprog.compiler.lower")
+    return (engine is not None and isinstance(exc, engine.InferenceError)) or \
+        (lower is not None and isinstance(exc, lower.RunError))
 
 
 if __name__ == "__main__":

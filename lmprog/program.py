@@ -6,7 +6,7 @@
 (['country'], ['city'])
 
 A :class:`Program` is a parsed and checked program; constructing one raises :class:`LmpError` (with every
-problem found) and nothing else for any source text. Running programs arrives with the end-to-end issue.
+problem found) and nothing else for any source text. ``Program.run`` / ``run_batch`` run it (``lmprog.runner``).
 """
 
 from __future__ import annotations
@@ -76,6 +76,53 @@ class Program:
     def required_inputs(self) -> list[str]:
         """Names of inputs without a default (a run must set them)."""
         return [name for name, spec in self.inputs.items() if spec.required]
+
+    def run(self, inputs: Optional[Mapping] = None, /, *, particles: Optional[int] = None,
+            seed: Optional[int] = None, strategy=None, max_tokens: Optional[int] = None,
+            temperature: Optional[float] = None, model: Optional[str] = None, lm=None, progress=None, **kwargs):
+        """Run the program: ``program.run(country="Japan", particles=32, seed=1) -> Result``.
+
+        Inputs are keyword arguments (or a dict as the first argument); ``particles`` overrides the strategy's
+        first argument (particles / n / width); ``strategy`` a strategy name (or an engine strategy object);
+        ``max_tokens`` / ``temperature`` the common options; ``seed`` the program's ``infer`` seed (default 0);
+        ``model`` the program's model name; ``lm`` an already loaded language model.
+
+        Raises :class:`LmpError` for missing or bad inputs (located), :class:`lmprog.inference.InferenceError` when
+        every particle dies (naming the constraint), :class:`lmprog.compiler.lower.RunError` for other runtime
+        failures.
+        """
+        from lmprog.runner import run_program
+
+        given = dict(inputs or {})
+        given.update(kwargs)
+        return run_program(self, given, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
+                           temperature=temperature, model=model, lm=lm, progress=progress)
+
+
+    def run_batch(self, rows, /, *, particles: Optional[int] = None, seed: Optional[int] = None,
+                  strategy=None, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                  model: Optional[str] = None, lm=None, errors: str = "raise"):
+        """Run the program once per row of inputs (dicts), in order: ``[Result, ...]``.
+
+        All rows share the loaded model and compiled kernels. ``errors="raise"`` raises the first row's error;
+        ``errors="return"`` puts the exception in that row's place and goes on with the others.
+        """
+        from lmprog.runner import get_model, run_program
+
+        if lm is None:
+            lm = get_model(model or self.model or self.default_model)
+        out = []
+        for row in rows:
+            try:
+                if not isinstance(row, Mapping):
+                    raise TypeError(f"a batch row must be a mapping of input names to values, not {type(row).__name__}")
+                out.append(run_program(self, dict(row), particles=particles, seed=seed, strategy=strategy,
+                                       max_tokens=max_tokens, temperature=temperature, lm=lm))
+            except Exception as exc:
+                if errors == "raise":
+                    raise
+                out.append(exc)
+        return out
 
     def __repr__(self) -> str:
         inputs = ", ".join(f"{n}: {s.type}" for n, s in self.inputs.items())
@@ -160,3 +207,4 @@ def _validate_functions(functions: Optional[Mapping[str, Callable]]) -> dict[str
             raise TypeError(f"functions: {name!r} is not callable")
         out[name] = fn
     return out
+

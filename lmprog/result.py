@@ -1,0 +1,172 @@
+"""What ``Program.run`` returns: :class:`Result` (LANGUAGE.md, "Result").
+
+``Result.to_dict()`` / ``to_json()`` give exactly the documented object::
+
+    {"strategy", "properly_weighted", "samples": [{"values", "text", "log_weight", "weight"}],
+     "posterior": [{"value", "probability"}], "log_evidence", "ess", "stats": {"tokens", "forward_passes",
+     "wall_s", "compile_s", ...}}
+
+``samples`` lists the particles that finished (dead particles are counted in ``stats["dead"]``), ``values`` is
+what the program's ``return`` reports (default: every hole), and ``posterior`` aggregates the normalized
+weights over those values (sorted by probability, summing to 1).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["Result", "ResultSample"]
+
+
+@dataclass
+class ResultSample:
+    """One finished particle: ``values`` (returned), ``text`` (the whole text, prompt included),
+    ``log_weight`` (absolute), ``weight`` (normalized), ``holes`` (every hole's value, by engine name)."""
+
+    values: dict
+    text: str
+    log_weight: float
+    weight: float
+    holes: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"values": self.values, "text": self.text, "log_weight": _num(self.log_weight),
+                "weight": float(self.weight)}
+
+
+@dataclass
+class Result:
+    """The outcome of a run.
+
+    Attributes:
+        strategy: the strategy's name; ``properly_weighted``: whether the weights target the posterior.
+        samples: finished particles (:class:`ResultSample`), in particle order.
+        posterior: ``[(value dict, probability)]`` sorted by probability (descending), summing to 1.
+        log_evidence: ``log Z`` estimate (``None`` unless properly weighted).
+        ess: ESS at every decode step (before resampling).
+        stats: ``tokens``, ``forward_passes``, ``wall_s``, ``compile_s``, ``particles``, ``dead``, ...
+        inputs: the input values of the run. extra: strategy-specific tables (``vote``, ``winner``).
+        raw: the engine's :class:`~lmprog.inference.InferenceResult` (arrays, every particle).
+    """
+
+    strategy: str
+    properly_weighted: bool
+    samples: list
+    posterior: list
+    log_evidence: Optional[float]
+    ess: list
+    stats: dict
+    inputs: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    raw: Any = field(default=None, repr=False)
+
+    # ---- convenience ------------------------------------------------------------------------------------
+
+    @property
+    def map(self) -> Optional[dict]:
+        """The most probable returned value (``None`` when no particle finished)."""
+        return self.posterior[0][0] if self.posterior else None
+
+    @property
+    def value(self) -> Any:
+        """The most probable value: the bare value when the program returns one thing, else the dict."""
+        m = self.map
+        if m is not None and len(m) == 1:
+            return next(iter(m.values()))
+        return m
+
+    def probability(self, **value) -> float:
+        """Posterior probability of the returned values ``value`` (e.g. ``r.probability(answer="Paris")``)."""
+        total = 0.0
+        for v, p in self.posterior:
+            if all(v.get(k) == x for k, x in value.items()):
+                total += p
+        return total
+
+    # ---- output --------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        out = {
+            "strategy": self.strategy,
+            "properly_weighted": bool(self.properly_weighted),
+            "samples": [s.to_dict() for s in self.samples],
+            "posterior": [{"value": v, "probability": float(p)} for v, p in self.posterior],
+            "log_evidence": _num(self.log_evidence) if self.properly_weighted else None,
+            "ess": [float(x) for x in self.ess],
+            "stats": {k: _plain(v) for k, v in self.stats.items()},
+        }
+        for k, v in self.extra.items():
+            out.setdefault(k, _plain(v))
+        return out
+
+    def to_json(self, indent: Optional[int] = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def __repr__(self) -> str:
+        lines = [f"Result(strategy={self.strategy!r}, properly_weighted={self.properly_weighted}, "
+                 f"particles={self.stats.get('particles', len(self.samples))}, "
+                 f"log_evidence={_fmt(self.log_evidence)}, tokens={self.stats.get('tokens')}, "
+                 f"wall_s={_fmt(self.stats.get('wall_s'))})"]
+        for v, p in self.posterior[:8]:
+            lines.append(f"  {p:7.3f}  {_short(v)}")
+        if len(self.posterior) > 8:
+            lines.append(f"  ... {len(self.posterior) - 8} more values")
+        if not self.posterior:
+            lines.append("  (no particle finished)")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td style='text-align:right'>{p:.3f}</td><td><code>{html.escape(_short(v, 200))}</code></td></tr>"
+            for v, p in self.posterior[:20]
+        )
+        head = (f"<b>{html.escape(self.strategy)}</b> "
+                f"({'properly weighted' if self.properly_weighted else 'not properly weighted'}); "
+                f"log Z = {_fmt(self.log_evidence)}; particles = {self.stats.get('particles')}; "
+                f"tokens = {self.stats.get('tokens')}; wall {_fmt(self.stats.get('wall_s'))} s "
+                f"(compile {_fmt(self.stats.get('compile_s'))} s)")
+        return (f"<div>{head}<table><thead><tr><th>probability</th><th>value</th></tr></thead>"
+                f"<tbody>{rows}</tbody></table></div>")
+
+
+def _num(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _plain(v):
+    try:
+        import numpy as np
+
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _short(v, limit: int = 80) -> str:
+    if isinstance(v, dict) and len(v) == 1:
+        v = next(iter(v.values()))
+    text = json.dumps(v, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
