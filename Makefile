@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/lmprog demo
+	$(VENV)/bin/lmprog run examples/capital.lmp
 
 test: setup
 	$(PY) -m pytest -q
