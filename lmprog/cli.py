@@ -196,15 +196,13 @@ def _null():
 
 
 def _cmd_batch(args) -> int:
+    import contextlib
     import json
 
     from rich.console import Console
 
-    from lmprog.compiler.lower import RunError
-    from lmprog.dsl.errors import LmpError
-    from lmprog.inference import InferenceError
     from lmprog.program import load
-    from lmprog.runner import get_model, run_program
+    from lmprog.runner import get_model, run_batch
 
     console = Console(stderr=True)
     program = load(args.file)
@@ -216,34 +214,41 @@ def _cmd_batch(args) -> int:
     model = args.model or program.model or program.default_model
     with console.status(f"loading {model} ..."):
         lm = get_model(model)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+
+    # Parse every line first; the valid rows then run together (one engine call per group of rows with the
+    # same structure, see runner.run_batch), and each record is written in input order.
+    numbered = [(i, line) for i, line in enumerate(lines) if line.strip()]
+    records: list[dict | None] = [None] * len(numbered)
+    valid: list[tuple[int, dict]] = []
+    for n, (i, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            records[n] = {"row": n, "error": f"{args.inputs}:{i + 1}: not valid JSON: {exc.msg}"}
+            continue
+        if not isinstance(row, dict):
+            records[n] = {"row": n, "error": f"{args.inputs}:{i + 1}: a row must be a JSON object of input values"}
+            continue
+        valid.append((n, row))
+    options = {k: v for k, v in _run_options(args).items() if k != "model"}
+    with console.status(f"running {len(valid)} rows ..."):
+        results = run_batch(program, [row for _, row in valid], lm=lm, **options)
+    for (n, row), result in zip(valid, results):
+        if isinstance(result, BaseException):
+            records[n] = {"row": n, "error": str(result)}
+        else:
+            records[n] = {"row": n, "inputs": row, **result.to_dict()}
+
     failed = 0
-    rows = [(i, line) for i, line in enumerate(lines) if line.strip()]
-    try:
-        for n, (i, line) in enumerate(rows):
-            record: dict
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("a row must be a JSON object of input values")
-                with console.status(f"row {n + 1}/{len(rows)} ..."):
-                    result = run_program(program, row, lm=lm, **{k: v for k, v in _run_options(args).items()
-                                                                  if k != "model"})
-                record = {"row": n, "inputs": row, **result.to_dict()}
-            except json.JSONDecodeError as exc:
-                record = {"row": n, "error": f"{args.inputs}:{i + 1}: not valid JSON: {exc.msg}"}
-            except (LmpError, InferenceError, RunError, ValueError, TypeError) as exc:
-                record = {"row": n, "error": str(exc)}
+    with (open(args.out, "w", encoding="utf-8") if args.out else contextlib.nullcontext(sys.stdout)) as out:
+        for n, record in enumerate(records):
             if "error" in record:
                 failed += 1
-                console.print(f"[red]row {n} ({args.inputs}:{i + 1}):[/red] {record['error']}", markup=True,
+                line_no = numbered[n][0] + 1
+                console.print(f"[red]row {n} ({args.inputs}:{line_no}):[/red] {record['error']}", markup=True,
                               highlight=False)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    console.print(f"{len(rows) - failed}/{len(rows)} rows ok" + (f" -> {args.out}" if args.out else ""))
+    console.print(f"{len(records) - failed}/{len(records)} rows ok" + (f" -> {args.out}" if args.out else ""))
     return 1 if failed else 0
 
 

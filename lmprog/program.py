@@ -102,26 +102,23 @@ class Program:
     def run_batch(self, rows, /, *, particles: Optional[int] = None, seed: Optional[int] = None,
                   strategy=None, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
                   model: Optional[str] = None, lm=None, errors: str = "raise"):
-        """Run the program once per row of inputs (dicts), in order: ``[Result, ...]``.
+        """Run the program once per row of inputs (dicts): ``[Result, ...]`` in input order.
 
-        All rows share the loaded model and compiled kernels. ``errors="raise"`` raises the first row's error;
-        ``errors="return"`` puts the exception in that row's place and goes on with the others.
+        Rows with the same structure run together: every row's particles in one batched engine call (one
+        compiled kernel, independent particle groups with a log Z each); see :func:`lmprog.runner.run_batch`.
+        ``errors="raise"`` raises the first failing row's error (after running the batch); ``errors="return"``
+        puts the exception in that row's place.
         """
-        from lmprog.runner import get_model, run_program
+        from lmprog.runner import run_batch
 
-        if lm is None:
-            lm = get_model(model or self.model or self.default_model)
-        out = []
-        for row in rows:
-            try:
-                if not isinstance(row, Mapping):
-                    raise TypeError(f"a batch row must be a mapping of input names to values, not {type(row).__name__}")
-                out.append(run_program(self, dict(row), particles=particles, seed=seed, strategy=strategy,
-                                       max_tokens=max_tokens, temperature=temperature, lm=lm))
-            except Exception as exc:
-                if errors == "raise":
-                    raise
-                out.append(exc)
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
+        out = run_batch(self, rows, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
+                        temperature=temperature, model=model, lm=lm)
+        if errors == "raise":
+            for r in out:
+                if isinstance(r, BaseException):
+                    raise r
         return out
 
     def __repr__(self) -> str:

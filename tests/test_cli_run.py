@@ -83,3 +83,24 @@ def test_batch_one_line_per_row_in_order_bad_rows_do_not_stop_others(prog, tmp_p
     assert lines[0]["posterior"][0]["value"]["n"] == 1 and lines[3]["posterior"][0]["value"]["n"] == 3
     assert "bad value for input 'n'" in lines[1]["error"] and "not valid JSON" in lines[2]["error"]
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_batch_runs_rows_of_the_same_structure_in_one_engine_call(prog, tmp_path, monkeypatch):
+    from lmprog import inference
+
+    groups = []
+    engine_run = inference.run
+
+    def counting(*args, **kwargs):
+        groups.append(kwargs.get("groups", 1))
+        return engine_run(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "run", counting)
+    rows = tmp_path / "in.jsonl"
+    rows.write_text('{"n": 1}\n{"n": 2}\n{"n": 3}\nnot json\n')
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["batch", str(prog), str(rows), "--out", str(out)]) == 1  # the bad line fails
+    assert groups == [3]  # the three good rows: one engine call, one group each
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["posterior"][0]["value"]["n"] for x in lines[:3]] == [1, 2, 3]
+    assert "not valid JSON" in lines[3]["error"]

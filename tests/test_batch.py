@@ -1,0 +1,114 @@
+"""``Program.run_batch``: rows with the same structure run as one engine call (groups), each row's result
+matches a run of its own; bad rows get their error and never stop the others."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import lmprog
+import lmprog.inference as inference
+from lmprog.dsl.errors import LmpError
+from lmprog.inference import InferenceError
+from test_lower import ids, seq_prob, toy_lm
+
+PROGRAM = '''infer importance(particles=1300)
+input who: str = "Q"
+"{who}: [x]\\nZ" where x in ["a", "b", "ab"]
+'''
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return toy_lm()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts calls to the inference engine's ``run``."""
+    seen = []
+    real = inference.run
+
+    def counting(*args, **kwargs):
+        seen.append(kwargs.get("groups", 1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "run", counting)
+    return seen
+
+
+def exact(lm, who):
+    prompt = [lm.tokenizer.bos_id] + ids(lm, f"{who}:")
+    p = {s: math.exp(seq_prob(lm, prompt, ids(lm, " " + s + "\nZ"))) for s in ("a", "b", "ab")}
+    z = sum(p.values())
+    return {s: v / z for s, v in p.items()}, math.log(z)
+
+
+def test_same_structure_runs_as_one_engine_call_with_each_rows_exact_posterior(lm, calls):
+    prog = lmprog.compile(PROGRAM, "t.lmp")
+    rows = [{"who": "Q"}, {"who": "A"}, {"who": "Hello there"}]
+    results = prog.run_batch(rows, lm=lm, seed=1)
+    assert calls == [3]  # one engine call, one group per row
+    for row, r in zip(rows, results):
+        post, log_z = exact(lm, row["who"])
+        got = {v["x"]: p for v, p in r.posterior}
+        tv = 0.5 * sum(abs(got.get(s, 0.0) - post[s]) for s in post)
+        assert tv < 0.06, (row, got, post)
+        assert abs(r.log_evidence - log_z) < 0.06, (row, r.log_evidence, log_z)
+        assert r.inputs == row and r.stats["batch_rows"] == 3 and r.stats["particles"] == 1300
+        prompt = lm.tokenizer.decode(ids(lm, row["who"] + ":"), skip_special=True)  # the toy tokenizer drops unknown characters
+        assert {s.text for s in r.samples} == {f"{prompt} {x}\nZ" for x in post}
+
+
+def test_greedy_batch_equals_separate_runs_exactly(lm, calls):
+    src = 'input who: str = "Q"\n"{who}: [x]\\n" where x matches r"[a-z]{1,3}"\n"{who} again: [y]\\n" where y in ["a", "b"]\n'
+    prog = lmprog.compile(src, "t.lmp")
+    rows = [{"who": "Q"}, {"who": "Ab"}, {"who": "Q Q"}]
+    batched = prog.run_batch(rows, lm=lm, strategy="greedy")
+    assert calls == [3]
+    for row, b in zip(rows, batched):
+        alone = prog.run(row, lm=lm, strategy="greedy")
+        assert [s.values for s in b.samples] == [s.values for s in alone.samples]
+        assert [s.text for s in b.samples] == [s.text for s in alone.samples]
+        assert [s.log_weight for s in b.samples] == pytest.approx([s.log_weight for s in alone.samples], abs=1e-4)
+        assert b.raw.scores[0] == pytest.approx(alone.raw.scores[0], abs=1e-4)
+
+
+def test_bad_rows_get_their_errors_in_order_and_never_stop_the_others(lm, calls):
+    prog = lmprog.compile(PROGRAM, "t.lmp")
+    rows = [{"who": "Q"}, {"who": 3}, "not a dict", {"who": "A"}, {"nope": 1}]
+    out = prog.run_batch(rows, lm=lm, particles=64, errors="return")
+    assert calls == [2]
+    assert isinstance(out[1], LmpError) and "bad value for input 'who'" in str(out[1])
+    assert isinstance(out[2], TypeError)
+    assert isinstance(out[4], LmpError) and "unknown input 'nope'" in str(out[4])
+    assert out[0].inputs == {"who": "Q"} and out[3].inputs == {"who": "A"}
+    with pytest.raises(LmpError, match="bad value for input 'who'"):
+        prog.run_batch(rows, lm=lm, particles=64)
+
+
+def test_a_row_whose_particles_all_die_gets_the_error_of_its_own_run(lm, calls):
+    src = PROGRAM + 'condition who != "none"\n'
+    prog = lmprog.compile(src, "t.lmp")
+    out = prog.run_batch([{"who": "Q"}, {"who": "none"}, {"who": "A"}], lm=lm, particles=32, errors="return")
+    assert calls[0] == 3
+    assert isinstance(out[1], InferenceError) and "every particle died" in str(out[1])
+    assert out[0].samples and out[2].samples and out[2].inputs == {"who": "A"}
+
+
+def test_rows_that_differ_in_structure_run_separately(lm, calls):
+    src = 'infer smc(particles=16)\ninput opts: list = ["a"]\n"Q: [x]\\n" where x in opts\n'
+    prog = lmprog.compile(src, "t.lmp")
+    rows = [{"opts": ["a", "b"]}, {"opts": ["c"]}, {"opts": ["a", "ab"]}, {"opts": ["c"]}]
+    out = prog.run_batch(rows, lm=lm)
+    assert sorted(calls) == [1, 1, 2]  # the two ["c"] rows share one call; the others differ in automaton
+    assert {v["x"] for v, _ in out[1].posterior} == {"c"} == {v["x"] for v, _ in out[3].posterior}
+    assert {v["x"] for v, _ in out[0].posterior} <= {"a", "b"}
+
+
+def test_single_group_strategies_run_row_by_row(lm, calls):
+    prog = lmprog.compile(PROGRAM, "t.lmp")
+    out = prog.run_batch([{"who": "Q"}, {"who": "A"}], lm=lm, strategy="best_of", particles=8)
+    assert calls == [1, 1]
+    assert [r.strategy for r in out] == ["best_of", "best_of"]
