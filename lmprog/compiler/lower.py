@@ -178,6 +178,15 @@ class _Ctx:
         self.values, self.data, self.logprobs = values, data, logprobs
 
 
+def _view_logprobs(view, i: int) -> Optional[dict[str, float]]:
+    """``{hole name: log-probability}`` of the holes particle ``i`` of a host view has completed so far."""
+    lp = getattr(view, "hole_logprobs", None)
+    if lp is None:
+        return None
+    done = view.spans[i]
+    return {name: float(lp[i, h]) for h, name in enumerate(view.holes) if name in done}
+
+
 def resolve(ref: Ref, ctx: _Ctx) -> Any:
     k = ref.kind
     if k == "static":
@@ -212,7 +221,8 @@ def _hole_names(ref: Ref) -> list[str]:
 
 class _RunEval(_Eval):
     """Python semantics for one particle (names resolved through references), with the run-time built-ins:
-    ``tokens`` (the model's tokenizer), ``logprob`` (after the run), imported and ``functions=`` callables."""
+    ``tokens`` (the model's tokenizer), ``logprob`` (of the holes completed so far), imported and ``functions=``
+    callables."""
 
     def __init__(self, scope: Mapping[str, Ref], ctx: _Ctx, lowering: "_Lowering"):
         super().__init__({})
@@ -256,7 +266,7 @@ class _RunEval(_Eval):
             arg = e.args[0] if e.args else None
             names = _hole_names(self.scope.get(arg.id, Ref("static"))) if isinstance(arg, A.Name) else []
             if self.ctx.logprobs is None:
-                raise StaticError("logprob(X) is only available in return, score and key expressions")
+                raise StaticError("logprob(X) needs the hole log-probabilities of a run (this host view has none)")
             return sum(self.ctx.logprobs.get(n, 0.0) for n in names)
         if isinstance(f, A.Name) and f.id == "tokens":
             value = self.eval(e.args[0])
@@ -335,10 +345,8 @@ class _Lowering:
         text = ""
         if span is not None and span.line > 0:
             lines = self.p.source.split("\n")
-            if span.line == span.end_line:  # a statement: the rest of its line (spans may stop short)
-                text = lines[span.line - 1][span.col - 1:]
-                if " #" in text and text.count('"') % 2 == 0 and "'" not in text:
-                    text = text[: text.index(" #")]
+            if span.line == span.end_line:  # the node's own text
+                text = lines[span.line - 1][span.col - 1:span.end_col - 1]
             else:
                 text = lines[span.line - 1][span.col - 1:] + " ..."
         return f"{span}: {text.strip()}" if text else str(span)
@@ -399,7 +407,7 @@ class _Lowering:
             return False
 
     def eval_for(self, expr, scope, view, i):
-        return _RunEval(scope, _Ctx(view.values[i], view.data[i]), self).eval(expr)
+        return _RunEval(scope, _Ctx(view.values[i], view.data[i], _view_logprobs(view, i)), self).eval(expr)
 
     @staticmethod
     def active(guard, view) -> np.ndarray:

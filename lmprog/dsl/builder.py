@@ -23,6 +23,11 @@ from lmprog.dsl.source import SourceFile, Span
 Child = Union[Tree, Token, None]
 
 
+#: Rules whose extent includes newlines / indentation tokens: their spans come from their children instead.
+_LINE_RULES = frozenset({"start", "template_stmt", "gen_stmt", "where_block", "where_line", "suite", "if_stmt",
+                         "elif_clause", "else_clause", "for_stmt"})
+
+
 class Builder:
     """Builds AST nodes from lark trees of one source file; ``base`` offsets trees parsed from a substring."""
 
@@ -45,6 +50,8 @@ class Builder:
         if isinstance(x, Token):
             return self.base + (x.start_pos or 0)
         assert isinstance(x, Tree)
+        if x.data not in _LINE_RULES and not x.meta.empty:
+            return self.base + x.meta.start_pos
         for child in x.children:
             if child is not None:
                 return self._start(child)
@@ -54,6 +61,10 @@ class Builder:
         if isinstance(x, Token):
             return self.base + (x.end_pos if x.end_pos is not None else (x.start_pos or 0) + len(x))
         assert isinstance(x, Tree)
+        if x.data not in _LINE_RULES and not x.meta.empty:
+            # the rule's own extent: its children lack the anonymous tokens lark filters out, so the last
+            # child would lose a closing ')' / ']' / '}' (and the first an opening keyword or '(')
+            return self.base + x.meta.end_pos
         for child in reversed(x.children):
             if child is not None:
                 return self._end(child)
@@ -296,6 +307,10 @@ class Builder:
         func, arguments = ch
         args, kwargs = self.arguments(arguments)
         return A.Call(self.expr(func), args, kwargs, span=self.tree_span(tree))
+
+    def e_paren(self, tree, ch):
+        # the node keeps its own span (as in Python); an enclosing node's span covers the parentheses
+        return self.expr(ch[0])
 
     def e_attribute(self, tree, ch):
         value, attr = ch

@@ -98,7 +98,8 @@ class _Run:
 
     def view(self, state: RunState) -> tuple[RunState, HostView]:
         pp = state.particles
-        tokens, lengths, spans, causes, origin = jax.device_get((pp.tokens, pp.length, pp.spans, pp.cause, pp.origin))
+        tokens, lengths, spans, causes, origin, hole_logp = jax.device_get(
+            (pp.tokens, pp.length, pp.spans, pp.cause, pp.origin, pp.hole_logp))
         if self.data is None:
             self.data = [{} for _ in range(self.num)]
         self.data = [dict(self.data[int(o)]) for o in origin]
@@ -119,6 +120,7 @@ class _Run:
             tokenizer=self.lm.tokenizer,
             holes={h.name: h for h in holes},
             prefix_text=self.prefix_text,
+            hole_logprobs=np.asarray(hole_logp, np.float64),
         )
         return state, view
 

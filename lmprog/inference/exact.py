@@ -132,7 +132,7 @@ def enumerate_program(
     prefix_text = tok.decode(prefix, skip_special=True)
     paths: list[ExactPath] = []
 
-    def view(post, spans, data) -> HostView:
+    def view(post, spans, data, hlp) -> HostView:
         return HostView(
             tokens=[list(post)],
             spans=[dict(spans)],
@@ -141,9 +141,11 @@ def enumerate_program(
             tokenizer=tok,
             holes=hole_by_name,
             prefix_text=prefix_text,
+            hole_logprobs=np.array([[hlp.get(h.name, 0.0) for h in holes]], np.float64),
         )
 
-    def walk(j: int, post: tuple[int, ...], spans: dict, lw: float, data: dict):
+    def walk(j: int, post: tuple[int, ...], spans: dict, lw: float, data: dict, hlp: dict):
+        """``hlp``: the LM log-probability of each completed hole (what host views report)."""
         if lw == -math.inf:
             return
         if j == len(segs):
@@ -153,27 +155,27 @@ def enumerate_program(
         seg = segs[j]
         history = tuple(prefix) + post
         if isinstance(seg, (Text, Observe)):
-            toks = list(seg.tokens) if seg.tokens is not None else list(seg.render(view(post, spans, data))[0])
+            toks = list(seg.tokens) if seg.tokens is not None else list(seg.render(view(post, spans, data, hlp))[0])
             add = 0.0
             if isinstance(seg, Observe):
                 h = history
                 for t in toks:
                     add += float(logp(h)[t])
                     h = h + (t,)
-            walk(j + 1, post + tuple(toks), spans, lw + add, data)
+            walk(j + 1, post + tuple(toks), spans, lw + add, data, hlp)
         elif isinstance(seg, Host):
             d = dict(data)
-            out = seg.fn(view(post, spans, d))
+            out = seg.fn(view(post, spans, d, hlp))
             add = 0.0 if out is None else float(np.asarray(out, np.float64).reshape(-1)[0])
-            walk(j + 1, post, spans, lw + add, d)
+            walk(j + 1, post, spans, lw + add, d, hlp)
         else:
             hole: Hole = seg
-            start = hole.start if not callable(hole.start) else int(np.asarray(hole.start(view(post, spans, data))).reshape(-1)[0])
+            start = hole.start if not callable(hole.start) else int(np.asarray(hole.start(view(post, spans, data, hlp))).reshape(-1)[0])
             if start < 0:
-                walk(j + 1, post, spans, lw, data)
+                walk(j + 1, post, spans, lw, data, hlp)
                 return
             budget = int(hole.max_tokens if hole.max_tokens is not None else max_tokens)
-            begin = len(post)
+            begin, lw_begin = len(post), lw
 
             def gen(state: int, counts: np.ndarray, n: int, post: tuple[int, ...], lw: float):
                 if n >= budget + slack:
@@ -186,13 +188,15 @@ def enumerate_program(
                         continue
                     p2 = post + (t,)
                     if done[t]:
-                        walk(j + 1, p2, {**spans, hole.name: (begin, len(p2))}, lw + float(lp[t]), data)
+                        lw_done = lw + float(lp[t])
+                        walk(j + 1, p2, {**spans, hole.name: (begin, len(p2))}, lw_done, data,
+                             {**hlp, hole.name: lw_done - lw_begin})
                     else:
                         gen(int(nxt[t]), cnt[t], n + 1, p2, lw + float(lp[t]))
 
             gen(int(start), np.asarray(table.init_counts(1))[0], 0, post, lw)
 
-    walk(i0, (), {}, lw0, {})
+    walk(i0, (), {}, lw0, {}, {})
     if not paths:
         return ExactPosterior([], -math.inf, prefix)
     lws = np.array([p.log_prob for p in paths])

@@ -238,6 +238,8 @@ class HostView:
         data: per particle, a dict the program may use (follows the particle through resampling).
         tokenizer, holes: to decode values.
         prefix_text: the shared prompt text.
+        hole_logprobs: ``[P, H]`` LM log-probability (tempered) of each hole's tokens so far, columns in the
+            order of ``holes``; follows resampling like the rest (None: not provided).
     """
 
     tokens: list[list[int]]
@@ -247,6 +249,7 @@ class HostView:
     tokenizer: Any
     holes: dict[str, Hole]
     prefix_text: str = ""
+    hole_logprobs: Any = None
     _values: list | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -264,6 +267,20 @@ class HostView:
                 for toks, spans in zip(self.tokens, self.spans)
             ]
         return self._values
+
+    @property
+    def logprobs(self) -> dict[str, np.ndarray]:
+        """``{hole name: [P] float64}``: the LM log-probability of each hole completed by some particle
+        (NaN for the particles that have not completed it)."""
+        if self.hole_logprobs is None:
+            return {}
+        lp = np.asarray(self.hole_logprobs, np.float64)
+        out = {}
+        for h, name in enumerate(self.holes):
+            done = np.array([name in s for s in self.spans], bool)
+            if done.any():
+                out[name] = np.where(done, lp[:, h], np.nan)
+        return out
 
     def text(self, i: int) -> str:
         return self.prefix_text + self.tokenizer.decode(self.tokens[i], skip_special=True)
