@@ -88,12 +88,9 @@ Render = Callable[["HostView"], Sequence[Sequence[int]]]
 
 
 @dataclass(frozen=True)
-class Text:
-    """Forced tokens, conditioned on and not scored (prompt text).
-
-    Either static ``tokens`` (the same for every particle) or ``render(view) -> one token list per
-    particle`` (then ``max_tokens`` bounds their length, for buffer sizing).
-    """
+class _Forced:
+    """Forced tokens: either static ``tokens`` (the same for every particle) or ``render(view) -> one token list
+    per particle`` (then ``max_tokens`` bounds their length, for buffer sizing)."""
 
     tokens: tuple[int, ...] | None = None
     render: Render | None = None
@@ -101,29 +98,22 @@ class Text:
     label: str = ""
 
     def __post_init__(self):
-        _check_forced(self)
+        if (self.tokens is None) == (self.render is None):
+            raise ValueError(f"{type(self).__name__} needs exactly one of tokens= and render=")
+        if self.tokens is not None:
+            object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+        elif self.max_tokens is None or self.max_tokens < 0:
+            raise ValueError(f"{type(self).__name__}(render=...) needs max_tokens (an upper bound on its length)")
 
 
 @dataclass(frozen=True)
-class Observe:
+class Text(_Forced):
+    """Forced tokens, conditioned on and not scored (prompt text)."""
+
+
+@dataclass(frozen=True)
+class Observe(_Forced):
     """Forced tokens whose LM log-probability is added to the log-weight (``observe "text"``)."""
-
-    tokens: tuple[int, ...] | None = None
-    render: Render | None = None
-    max_tokens: int | None = None
-    label: str = ""
-
-    def __post_init__(self):
-        _check_forced(self)
-
-
-def _check_forced(seg):
-    if (seg.tokens is None) == (seg.render is None):
-        raise ValueError(f"{type(seg).__name__} needs exactly one of tokens= and render=")
-    if seg.tokens is not None:
-        object.__setattr__(seg, "tokens", tuple(int(t) for t in seg.tokens))
-    elif seg.max_tokens is None or seg.max_tokens < 0:
-        raise ValueError(f"{type(seg).__name__}(render=...) needs max_tokens (an upper bound on its length)")
 
 
 @dataclass(frozen=True)
