@@ -153,6 +153,20 @@ def _print_result(console, result, path: str) -> None:
         f"tokens = {st.get('tokens')}   forward passes = {st.get('forward_passes')}   "
         f"wall = {st.get('wall_s', 0):.2f} s   compile = {st.get('compile_s', 0):.2f} s"
     )
+    diag = result.extra.get("mcmc")
+    if diag:
+        acc = diag.get("acceptance")
+        acc_text = "n/a" if not acc else f"{min(acc):.2f}–{max(acc):.2f} over {len(acc)} chain(s)"
+        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        warn = "   [yellow](R-hat > 1.1: the chains disagree; run more steps)[/yellow]" \
+            if diag.get("r_hat") is not None and diag["r_hat"] > 1.1 else ""
+        console.print(f"MCMC: acceptance {acc_text}   R-hat = {fmt(diag.get('r_hat'))}   "
+                      f"ESS = {fmt(diag.get('ess'))}{warn}")
+    rj = result.extra.get("rejuvenation")
+    if rj:
+        acc = rj.get("acceptance")
+        console.print(f"rejuvenation: {rj['moves']} moves in {rj['rounds']} rounds, acceptance "
+                      f"{'n/a' if acc is None else f'{acc:.2f}'}")
 
 
 def _cell(v) -> str:
@@ -231,8 +245,8 @@ def _cmd_batch(args) -> int:
             continue
         valid.append((n, row))
     options = {k: v for k, v in _run_options(args).items() if k != "model"}
-    with console.status(f"running {len(valid)} rows ..."):
-        results = run_batch(program, [row for _, row in valid], lm=lm, **options)
+    with _progress_runner(console, True) as progress:
+        results = run_batch(program, [row for _, row in valid], lm=lm, progress=progress, **options)
     for (n, row), result in zip(valid, results):
         if isinstance(result, BaseException):
             records[n] = {"row": n, "error": str(result)}

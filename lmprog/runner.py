@@ -8,21 +8,17 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, Callable, Mapping, Optional
 
 from lmprog.compiler.lower import RunError, lower, resolve_inputs
 from lmprog.result import Result, ResultSample
 
-__all__ = ["get_model", "build_strategy", "run_program", "run_batch", "UnsupportedStrategy"]
+__all__ = ["get_model", "build_strategy", "run_program", "run_batch"]
 
 # LANGUAGE.md's first argument of each strategy: what ``particles=`` overrides.
 PARTICLE_ARG = {"sample": "n", "importance": "particles", "smc": "particles", "beam": "width", "best_of": "n",
                 "vote": "n", "mcmc": "chains", "particle_gibbs": "particles"}
-
-
-class UnsupportedStrategy(RunError):
-    """The strategy is part of the language but not implemented by the engine yet."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -53,17 +49,11 @@ def build_strategy(program, lowered, *, strategy=None, particles: Optional[int] 
             given = dict(spec.args) if spec is not None else {}
         if name not in PARTICLE_ARG and name != "greedy":
             raise ValueError(f"unknown strategy {name!r}; valid: greedy, " + ", ".join(PARTICLE_ARG))
-        cls = STRATEGIES.get(name)
-        if cls is None:
-            raise UnsupportedStrategy(f"the '{name}' strategy is not supported by the inference engine yet; "
-                                      f"use one of: {', '.join(STRATEGIES)}")
+        cls = STRATEGIES[name]
         args = {k: v for k, v in strategy_defaults(name).items() if v is not None}
         args.update(given)
         seed = args.pop("seed", None) if "seed" in given else None
         args.pop("seed", None)
-        if args.get("rejuvenate"):
-            raise UnsupportedStrategy("smc(rejuvenate=K) is not supported by the inference engine yet")
-        args.pop("rejuvenate", None)
         if particles is not None and name in PARTICLE_ARG:
             args[PARTICLE_ARG[name]] = int(particles)
         for k in ("score", "key"):
@@ -150,11 +140,26 @@ def make_result(raw, lowered, inputs, *, lower_s=0.0, load_s=0.0, wall_s=None, m
     if model:
         stats["model"] = model
     extra = {}
-    for k in ("vote", "winner"):
+    for k in ("vote", "winner", "rejuvenation"):
         if k in raw.extra:
             extra[k] = raw.extra[k]
+    if "chains" in raw.extra:  # MCMC: convergence diagnostics of the returned values
+        from lmprog.inference.mcmc import diagnostics
+
+        extra["mcmc"] = diagnostics(raw, key=lambda s: _diagnostic_key(lowered.returns(s)))
     return Result(raw.strategy, bool(raw.properly_weighted), samples, posterior,
                   raw.log_evidence if raw.properly_weighted else None, ess, stats, dict(inputs), extra, raw)
+
+
+def _diagnostic_key(values):
+    """A returned value as R-hat/ESS see it: a lone number as a number, anything else as a category."""
+    if isinstance(values, dict) and len(values) == 1:
+        (v,) = values.values()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        return values
+    return json.dumps(values, sort_keys=True, ensure_ascii=False)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -164,16 +169,21 @@ MAX_BATCH_PARTICLES = 4096
 
 
 def run_batch(program, rows, *, particles=None, seed=None, strategy=None, max_tokens=None, temperature=None,
-              model=None, lm=None, from_text: bool = False, max_batch_particles: int = MAX_BATCH_PARTICLES) -> list:
+              model=None, lm=None, from_text: bool = False, max_batch_particles: int = MAX_BATCH_PARTICLES,
+              progress=None) -> list:
     """Run ``program`` once per row of inputs: ``[Result or Exception, ...]`` in input order.
 
     Rows whose lowerings have the same structure (segment kinds, holes, constraint automata) run together in
     one engine call with ``groups = rows`` (every row's particles in one batch, one compiled kernel, a log Z per
-    row); static text that differs between rows is rendered per row. Strategies that run a single group
-    (``best_of``, ``vote``, ``beam``) and rows that differ in structure run one after another. A row that fails
-    (bad inputs, every particle dead, a failing expression) gets its exception and never stops the others.
+    row); static text that differs between rows is rendered per row (the engine prefills a row's own prompt
+    text once and broadcasts it to the row's particles). More rows than ``max_batch_particles`` allows run in
+    several calls of equal size (the last one padded with a copy of one of its rows, its result dropped), so
+    they share one compiled kernel set. Strategies that run a single group (``best_of``, ``vote``, ``beam``)
+    and rows that differ in structure run one after another. A row that fails (bad inputs, every particle
+    dead, a failing expression) gets its exception and never stops the others. ``progress`` is the engine's
+    progress callback (:class:`lmprog.inference.Progress`), called for every engine call.
     """
-    from lmprog.inference.strategies import BestOf, Vote
+    from lmprog.inference.strategies import MCMC, BestOf, ParticleGibbs, Vote
 
     rows = list(rows)
     out: list = [None] * len(rows)
@@ -183,7 +193,7 @@ def run_batch(program, rows, *, particles=None, seed=None, strategy=None, max_to
         spec = program.strategy
         seed = int(spec.args.get("seed", 0)) if spec is not None else 0
     opts = dict(particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens, temperature=temperature,
-                lm=lm, from_text=from_text)
+                lm=lm, from_text=from_text, progress=progress)
 
     def single(k):
         try:
@@ -213,7 +223,8 @@ def run_batch(program, rows, *, particles=None, seed=None, strategy=None, max_to
     if not lowered:
         return out
     st0 = next(iter(lowered.values()))[2]
-    batchable = not isinstance(st0, (BestOf, Vote))
+    # MCMC keeps per-chain histories and host snapshots per particle: rows run one after another.
+    batchable = not isinstance(st0, (BestOf, Vote, MCMC, ParticleGibbs)) and not getattr(st0, "rejuvenate", 0)
     if batchable:
         try:
             st0.kernel_config(groups=2)
@@ -224,7 +235,7 @@ def run_batch(program, rows, *, particles=None, seed=None, strategy=None, max_to
             single(k)
         return out
 
-    # group rows by structure, then run each group in chunks of at most max_batch_particles particles
+    # group rows by structure, then run each class in equal chunks of at most max_batch_particles particles
     classes: list[list[int]] = []
     for k, (_, low, _, _) in lowered.items():
         for cls in classes:
@@ -235,13 +246,16 @@ def run_batch(program, rows, *, particles=None, seed=None, strategy=None, max_to
             classes.append([k])
     per = max(1, int(max_batch_particles) // max(1, st0.num_particles))
     for cls in classes:
-        for c0 in range(0, len(cls), per):
-            chunk = cls[c0:c0 + per]
-            if len(chunk) == 1:
+        size = -(-len(cls) // -(-len(cls) // per))  # rows per call: as many calls as needed, all the same size
+        for c0 in range(0, len(cls), size):
+            chunk = cls[c0:c0 + size]
+            if size == 1:
                 single(chunk[0])
                 continue
+            items = [lowered[k] for k in chunk]
+            items += [items[0]] * (size - len(chunk))  # same batch shape as the other calls: no new compile
             try:
-                results = _run_grouped(lm, [lowered[k] for k in chunk], st0, int(seed))
+                results = _run_grouped(lm, items, st0, int(seed), progress)[:len(chunk)]
             except Exception:  # noqa: BLE001 - e.g. every particle of every row died: run the rows alone
                 results = [None] * len(chunk)
             for k, res in zip(chunk, results):
@@ -286,7 +300,7 @@ def _same_structure(a, b) -> bool:
 
 def _sub_view(view, a: int, b: int):
     """The host view of particles ``a:b`` (one row's group); ``data`` dicts are shared, so writes go through."""
-    from dataclasses import fields as dc_fields, replace
+    from dataclasses import fields as dc_fields
 
     kw = {}
     for f in dc_fields(view):
@@ -352,16 +366,18 @@ def _combine(programs, n: int, tokenizer, failed: list):
 
             segs.append(cls(render=render, max_tokens=bound, label=first.label))
         elif isinstance(first, Hole):
-            if not callable(first.start):
-                segs.append(first)
-                continue
-
-            def start(view, col=col):
-                parts = per_row(lambda g, sub: np.asarray(col[g].start(sub), np.int64).reshape(-1), view,
-                                lambda m: np.full(m, -1, np.int64))
-                return np.concatenate(parts)
-
-            segs.append(Hole(first.name, start, first.max_tokens, first.strip, first.value, first.label))
+            start, prefix_check = first.start, first.prefix_check
+            if callable(first.start):
+                def start(view, col=col):
+                    parts = per_row(lambda g, sub: np.asarray(col[g].start(sub), np.int64).reshape(-1), view,
+                                    lambda m: np.full(m, -1, np.int64))
+                    return np.concatenate(parts)
+            if first.prefix_check is not None:  # a row's predicate may depend on its inputs: each row its own
+                def prefix_check(view, col=col):
+                    parts = per_row(lambda g, sub: np.asarray(col[g].prefix_check(sub), bool).reshape(-1), view,
+                                    lambda m: np.ones(m, bool))
+                    return np.concatenate(parts)
+            segs.append(replace(first, start=start, prefix_check=prefix_check))
         else:
             def host(view, col=col):
                 def one(g, sub):
@@ -373,11 +389,9 @@ def _combine(programs, n: int, tokenizer, failed: list):
     return SegmentProgram(segs, programs[0].table)
 
 
-def _run_grouped(lm, items, st, seed: int) -> list:
+def _run_grouped(lm, items, st, seed: int, progress=None) -> list:
     """Run the lowered rows ``items`` ((values, lowered, strategy, lower_s) each) as groups of one engine call.
     Returns one Result per row, or None for a row that failed (every particle dead, a failing callable)."""
-    from dataclasses import replace
-
     import numpy as np
 
     from lmprog.inference import run as engine_run
@@ -387,7 +401,7 @@ def _run_grouped(lm, items, st, seed: int) -> list:
     n = st.num_particles
     failed: list = [None] * G
     prog = _combine([low.program for _, low, _, _ in items], n, lm.tokenizer, failed)
-    raw = engine_run(lm, prog, st, seed=seed, groups=G)
+    raw = engine_run(lm, prog, st, seed=seed, groups=G, progress=progress)
     wall = time.perf_counter() - t0
     out = []
     for g, (values, low, _, lower_s) in enumerate(items):

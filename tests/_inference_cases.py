@@ -211,3 +211,22 @@ def z_score_of_mean(samples: np.ndarray, target: float) -> float:
     samples = np.asarray(samples, np.float64)
     se = samples.std(ddof=1) / math.sqrt(len(samples))
     return float((samples.mean() - target) / se)
+
+
+@functools.cache
+def length_case():
+    """Sequences of very different lengths (letters then EOS, 1 to 5 letters): the number of suffix-move
+    sites varies a lot between executions, so a wrong site-count correction in the MH ratio shows."""
+
+    def fn(pos, ctx):
+        p = np.full(V, 1e-9)
+        p[BOS] = 0.0
+        p[A], p[B], p[C] = 0.3, 0.2, 0.1
+        p[EOS] = 0.15 if ctx[-1] == A else 0.45
+        with np.errstate(divide="ignore"):
+            return np.log(p / p.sum())
+
+    lm = ToyLM.from_fn(fn, context=1, positions=10, name="toy-length")
+    table, offs = stack_automata([letters_then_eos()])
+    prog = SegmentProgram([Text((BOS, SP)), Hole("x", start=offs[0], max_tokens=6, label="len:1:1: x")], table)
+    return lm, prog

@@ -11,6 +11,7 @@ import lmprog
 import lmprog.inference as inference
 from lmprog.dsl.errors import LmpError
 from lmprog.inference import InferenceError
+from lmprog.runner import run_batch
 from test_lower import ids, seq_prob, toy_lm
 
 PROGRAM = '''infer importance(particles=1300)
@@ -112,3 +113,67 @@ def test_single_group_strategies_run_row_by_row(lm, calls):
     out = prog.run_batch([{"who": "Q"}, {"who": "A"}], lm=lm, strategy="best_of", particles=8)
     assert calls == [1, 1]
     assert [r.strategy for r in out] == ["best_of", "best_of"]
+
+
+@pytest.fixture
+def fed(monkeypatch):
+    """The rows the engine feeds to the particles as forced text (``engine._feed``), one list per call."""
+    import lmprog.inference.engine as engine
+
+    seen = []
+    real = engine._feed
+
+    def recording(run, state, rows, *args, **kwargs):
+        seen.append([list(r) for r in rows])
+        return real(run, state, rows, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_feed", recording)
+    return seen
+
+
+def test_each_rows_own_prompt_text_is_prefilled_once_not_fed_to_every_particle(lm, calls, fed):
+    # rows whose prompts differ in length and content (two of them equal): each row's own prompt text is
+    # prefilled for the row and broadcast to its particles, never fed to the particles; posteriors stay exact
+    prog = lmprog.compile(PROGRAM, "t.lmp")
+    rows = [{"who": "Q"}, {"who": "Hello there"}, {"who": "Q"}]
+    results = prog.run_batch(rows, lm=lm, particles=600, seed=2)
+    assert calls == [3]
+    assert all(not any(r) for rows_fed in fed for r in rows_fed), fed
+    for row, r in zip(rows, results):
+        post, log_z = exact(lm, row["who"])
+        got = {v["x"]: p for v, p in r.posterior}
+        assert 0.5 * sum(abs(got.get(s, 0.0) - post[s]) for s in post) < 0.1, (row, got, post)
+        assert abs(r.log_evidence - log_z) < 0.1, (row, r.log_evidence, log_z)
+        prompt = lm.tokenizer.decode(ids(lm, row["who"] + ":"), skip_special=True)
+        assert {s.text for s in r.samples} <= {f"{prompt} {x}\nZ" for x in post}
+
+
+def test_per_row_prompt_text_gives_the_same_greedy_run_as_a_run_of_its_own(lm, calls, fed):
+    # the row's prompt text continues the shared prefix's cache (prefill) in the batch, and is part of the
+    # one-shot prompt prefill in a run of its own: same tokens, same scores; text after a hole is still fed
+    src = 'input who: str = "Q"\n"{who}: [x]\\n" where x matches r"[a-z]{1,3}"\n"{who} and [y]\\n" where y in ["a", "b"]\n'
+    prog = lmprog.compile(src, "t.lmp")
+    rows = [{"who": "Ab"}, {"who": "Q Q Q"}]
+    batched = prog.run_batch(rows, lm=lm, strategy="greedy")
+    assert calls == [2]
+    assert fed and all(any(r) for r in fed[0])  # "{who} and" after the first hole: fed per particle
+    for row, b in zip(rows, batched):
+        alone = prog.run(row, lm=lm, strategy="greedy")
+        assert [s.text for s in b.samples] == [s.text for s in alone.samples]
+        assert b.raw.scores[0] == pytest.approx(alone.raw.scores[0], abs=1e-4)
+
+
+def test_rows_beyond_max_batch_particles_run_in_calls_of_equal_size(lm, calls):
+    # 3 rows, at most 2 per call: two calls of 2 rows (the second padded with a copy of its row, whose
+    # result is dropped), so both calls share one kernel shape
+    src = 'input who: str = "Q"\n"{who}: [x]\\n" where x in ["a", "b", "ab"]\n'
+    prog = lmprog.compile(src, "t.lmp")
+    rows = [{"who": "Q"}, {"who": "A"}, {"who": "Ab"}]
+    progress = []
+    out = run_batch(prog, rows, lm=lm, strategy="greedy", max_batch_particles=2, progress=progress.append)
+    assert calls == [2, 2]
+    assert [r.inputs for r in out] == rows
+    for row, b in zip(rows, out):
+        alone = prog.run(row, lm=lm, strategy="greedy")
+        assert [s.text for s in b.samples] == [s.text for s in alone.samples]
+    assert progress and {p.hole for p in progress} == {"x"}  # the engine's progress callback, every call

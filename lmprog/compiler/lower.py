@@ -23,6 +23,7 @@ Names resolve through *references* (:class:`Ref`): a static value, a hole's valu
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import re
@@ -37,7 +38,7 @@ from lmprog.compiler import constraints as IR
 from lmprog.compiler.automaton import stack_holes
 from lmprog.dsl import ast as A
 from lmprog.dsl.constraints import conjuncts
-from lmprog.dsl.errors import Diagnostic, LmpError
+from lmprog.dsl.errors import Diagnostic, LmpError, suggestion
 from lmprog.dsl.printer import constraint_to_source
 from lmprog.dsl.static import PURE_BUILTINS, NotStatic, StaticError, _Eval, static_value
 
@@ -122,7 +123,8 @@ def resolve_inputs(program, given: Mapping[str, Any], from_text: bool = False) -
     for name in given:
         if name not in program.inputs:
             valid = ", ".join(program.inputs) or "none"
-            diags.append(_diag(program, anchor, f"unknown input '{name}'", f"the program's inputs: {valid}"))
+            diags.append(_diag(program, anchor, f"unknown input '{name}'" + suggestion(str(name), program.inputs),
+                               f"the program's inputs: {valid}"))
     for name, spec in program.inputs.items():
         if name in given:
             try:
@@ -311,6 +313,7 @@ def lower(program, tokenizer, inputs: Mapping[str, Any], *, seed: int = 0,
 class _Pending:
     parts: list = field(default_factory=list)  # str or (expr, fmt, scope)
     guard: tuple = ()
+    node: Any = None  # the statement of the first part
 
 
 class _Lowering:
@@ -330,6 +333,7 @@ class _Lowering:
         self.counter = 0
         self.compile_s = 0.0
         self.max_hole_tokens = 0
+        self.first_node = None  # the AST node that produced the first segment (for the no-BOS diagnostic)
 
     # ---- helpers --------------------------------------------------------------------------------------
 
@@ -425,6 +429,7 @@ class _Lowering:
         scope: dict[str, Ref] = {name: _static(v) for name, v in self.inputs.items()}
         scope = self.block(self.p.ast.body, scope, (), ())
         self.flush()
+        self.check_starts_with_text()
         if not self.compiled:  # the engine needs a token table: a trivial one
             table = self._empty_table()
         else:
@@ -443,6 +448,29 @@ class _Lowering:
 
         return Lowered(prog, ret, dict(self.display), dict(self.inputs), evaluate, self.compile_s)
 
+    def check_starts_with_text(self):
+        """On a model without a BOS token the engine conditions on the program's leading static prompt text,
+        so there must be some: report the first statement that comes before any, located."""
+        from lmprog.inference import Text
+
+        if self.tokenizer.bos_id is not None:
+            return
+        first = self.segments[0] if self.segments else None
+        if isinstance(first, Text) and first.tokens:
+            return
+        node = self.first_node
+        if node is None:
+            body = [s for s in self.p.ast.body
+                    if not isinstance(s, (A.ModelStmt, A.InferStmt, A.InputStmt, A.ImportStmt))]
+            node = body[0] if body else None
+        what = _describe_start(node, first)
+        span = node.span if node is not None else _file_span(self.p)
+        raise self.error(
+            span, f"the program starts with {what}, but the model has no BOS token to condition on: "
+                  "it must start with prompt text",
+            "put prompt text before it (a template string such as \"Q: \" as the first statement); "
+            "the prompt must be known before the run (no holes, samples or Python values in it)")
+
     def _empty_table(self):
         hole = IR.compile_hole([IR.Choices(("x",))], self.tokenizer, name="__none")
         table, _ = stack_holes([hole])
@@ -455,10 +483,10 @@ class _Lowering:
             st = seg.start
             start = offsets[st.index] + int(self.compiled[st.index].automaton.start)
             if not st.guard:
-                return Hole(seg.name, start, seg.max_tokens, seg.strip, seg.value, seg.label)
+                return dataclasses.replace(seg, start=start)
             guard = st.guard
-            return Hole(seg.name, lambda view: np.where(_Lowering.active(guard, view), start, -1).astype(np.int32),
-                        seg.max_tokens, seg.strip, seg.value, seg.label)
+            return dataclasses.replace(
+                seg, start=lambda view: np.where(_Lowering.active(guard, view), start, -1).astype(np.int32))
         return seg
 
     def block(self, body, scope, guard, loop_index) -> dict:
@@ -470,7 +498,13 @@ class _Lowering:
         if isinstance(s, (A.ModelStmt, A.InferStmt, A.InputStmt, A.ImportStmt, A.Return)):
             return scope
         method = getattr(self, "s_" + type(s).__name__)
-        return method(s, scope, guard, loop_index)
+        if not self.pending.parts:
+            self.pending.node = s
+        was_empty = not self.segments
+        out = method(s, scope, guard, loop_index)
+        if was_empty and self.segments and self.first_node is None:
+            self.first_node = s
+        return out
 
     # ---- text -----------------------------------------------------------------------------------------
 
@@ -483,12 +517,14 @@ class _Lowering:
     def flush(self):
         from lmprog.inference import Text
 
-        parts, guard = self.pending.parts, self.pending.guard
+        parts, guard, node = self.pending.parts, self.pending.guard, self.pending.node
         self.pending = _Pending()
         if not parts:
             return
         seg = self.forced(Text, parts, guard, "text")
         if seg is not None:
+            if not self.segments and self.first_node is None:
+                self.first_node = node
             self.segments.append(seg)
 
     def forced(self, cls, parts, guard, what, label=""):
@@ -586,15 +622,15 @@ class _Lowering:
         mine = [c for c in conjuncts(where) if _constraint_hole(c) == name]
         ir, preds = [], []
         for c in mine:
+            if _is_predicate_tree(c):
+                preds.append(c)
+                continue
             try:
                 conv = self.to_ir(c, scope)
             except (NotStatic, StaticError) as exc:
                 raise self.error(c.span, f"this constraint's arguments must be known before the run ({_msg(exc)})",
                                  "use literals, inputs or lets of those") from None
-            if conv is None:
-                preds.append(c)
-            else:
-                ir.append(conv)
+            ir.append(conv)
         engine_name = name + "".join(f"[{i}]" for i in loop_index)
         if engine_name in self.hole_index:
             k = 2
@@ -602,7 +638,7 @@ class _Lowering:
                 k += 1
             engine_name = f"{engine_name}#{k}"
         value_fn = None
-        healed = self.heal_space(ir, guard)
+        healed = self.heal_space(ir, guard, following)
         compiled = None
         if healed is not None:
             try:
@@ -638,51 +674,61 @@ class _Lowering:
         where_text = " and ".join(constraint_to_source(c) for c in mine)
         label = f"{node.span}: hole '{engine_name}'" + (f" where {where_text}" if where_text else "")
         self.flush()  # the prompt text before the hole (after healing took its trailing space)
-        self.segments.append(Hole(engine_name, _Start(index, guard), budget, compiled.strip_bytes, value_fn, label))
+        prefix_trees = [c for c in preds if any(a.prefix for a in _predicate_atoms(c))]
+        prefix_check = None
+        if prefix_trees:
+            prefix_check = self.prefix_check(prefix_trees, dict(scope), guard, engine_name, compiled,
+                                             value_fn is not None, label)
+        if not self.segments and self.first_node is None:
+            self.first_node = node
+        self.segments.append(Hole(engine_name, _Start(index, guard), budget, compiled.strip_bytes, value_fn, label,
+                                  prefix_check))
         scope = dict(scope)
         scope[name] = Ref("hole", engine_name)
-        for c in preds:
+        complete_trees = [c for c in preds if not any(a.prefix for a in _predicate_atoms(c))]
+        for c in complete_trees:
             self.predicate(c, scope, guard)
+        if prefix_trees:
+            self.prefix_predicates(prefix_trees, scope, guard, engine_name)
         return scope, consumed
 
-    def heal_space(self, ir, guard):
+    def heal_space(self, ir, guard, following: str = ""):
         """Move the space that ends the prompt text into the hole ("token healing" for the common case).
 
         ``"A: [answer]"`` would force the prompt to end in a lone space token, which BPE models almost never
         see before a word (they write " Paris" as one token), and distorts the answer. The text is the same if
         the hole generates " " + value instead: the prompt's trailing space is dropped and the hole's
-        constraints are rewritten for " " + X (regexes and choices get the space, ``len`` bounds grow by
-        one, ``contains`` / ``words`` / ``tokens`` are unchanged); the value is the generated text without
-        its first byte. Returns the new constraints, or None where the rewrite does not apply (the space then
-        stays in the prompt)."""
+        constraints are rewritten so that the hole's language is exactly " " + (the old language)
+        (:func:`_heal_constraint`; ``len`` bounds grow by one, ``words`` and ``tokens`` are unchanged); the
+        value is the generated text without its first byte.
+
+        Returns the new constraints, or None where the rewrite does not apply (the space then stays in the
+        prompt): healing is off, the prompt does not end in exactly one space, the hole's terminator (the
+        following text or a ``stop_at``/``stop_before`` string) starts with a space (the generated space
+        could then begin the terminator, so the healed hole would end at a different place: not exact), a
+        constraint that cannot be rewritten (``grammar``/``json``), or a program that would then start
+        with no prompt at all on a model without a BOS token."""
         if not self.healing:
             return None
         parts = self.pending.parts
         if not parts or self.pending.guard != guard or not isinstance(parts[-1], str) or \
                 not parts[-1].endswith(" ") or parts[-1].endswith("  "):
             return None
+        try:
+            term = IR.plan_hole(ir, following or None).terminator
+        except IR.ConstraintError:
+            return None  # reported by compile_hole, unhealed
+        if term.kind == "text" and term.text.startswith(" "):
+            return None
+        if not self.segments and not guard and self.tokenizer.bos_id is None and \
+                all(isinstance(p, str) for p in parts) and "".join(parts) == " ":
+            return None  # the prompt would be empty and there is no BOS to condition on
         out: list = [IR.StartsWith(" ")]
         for c in ir:
-            if isinstance(c, IR.Regex):
-                out.append(IR.Regex(" (?:" + c.pattern + ")", loc=c.loc))
-            elif isinstance(c, IR.IsInt):
-                out.append(IR.Regex(" (?:" + IR.INT_PATTERN + ")", loc=c.loc))
-            elif isinstance(c, IR.IsFloat):
-                out.append(IR.Regex(" (?:" + IR.FLOAT_PATTERN + ")", loc=c.loc))
-            elif isinstance(c, IR.Choices):
-                out.append(IR.Choices(tuple(" " + x for x in c.items), loc=c.loc))
-            elif isinstance(c, IR.StartsWith):
-                out.append(IR.StartsWith(" " + c.s, loc=c.loc))
-            elif isinstance(c, (IR.Contains, IR.EndsWith)) and c.s and not c.s.startswith(" "):
-                out.append(c)
-            elif isinstance(c, IR.Not) and isinstance(c.c, IR.Contains) and c.c.s and not c.c.s.startswith(" "):
-                out.append(c)
-            elif isinstance(c, IR.Count) and c.kind in ("tokens", "words"):
-                out.append(c)
-            elif isinstance(c, IR.Count) and c.kind == "len":
-                out.append(IR.Count("len", c.op, c.n + 1, loc=c.loc))
-            else:
+            h = _heal_constraint(c)
+            if h is None:
                 return None
+            out.append(h)
         parts[-1] = parts[-1][:-1]
         return out
 
@@ -712,32 +758,120 @@ class _Lowering:
             return IR.Grammar(str(st(c.path)), loc=loc)
         if isinstance(c, A.JsonC):
             return IR.JsonSchema(str(st(c.schema)) if c.schema is not None else "", loc=loc)
-        if isinstance(c, A.PyPredicate):
-            return None
+        if isinstance(c, A.PyPredicate) or (isinstance(c, (A.Not, A.And, A.Or)) and _predicate_atoms(c)):
+            raise self.error(c.span, "a Python predicate cannot be combined with other kinds of constraints "
+                                     "under `or`/`not`",
+                             "combine predicates with predicates (checked on the host), and the other "
+                             "constraints with each other")
         if isinstance(c, A.Not):
-            inner = self.to_ir(c.operand, scope)
-            if inner is None:
-                raise self.error(c.span, "a Python predicate cannot be negated in a where clause yet",
-                                 "return the negation from the Python function")
-            return IR.Not(inner, loc=loc)
+            return IR.Not(self.to_ir(c.operand, scope), loc=loc)
         if isinstance(c, (A.And, A.Or)):
             items = [self.to_ir(x, scope) for x in c.operands]
-            if any(x is None for x in items):
-                raise self.error(c.span, "Python predicates can only be joined with `and` at the top level")
             return (IR.And if isinstance(c, A.And) else IR.Or)(tuple(items), loc=loc)
         raise self.error(c.span, f"unsupported constraint {type(c).__name__}")
 
-    def predicate(self, c: A.PyPredicate, scope, guard):
-        """A Python predicate on a complete hole value: one host call over all particles (-inf if false)."""
-        call = A.Call(c.func, (c.hole,) + tuple(c.args),
-                      tuple(k for k in c.kwargs if k.name != "prefix"), span=c.span)
-        self.host(lambda v: 0.0 if v else -math.inf, call, scope, guard,
-                  f"{c.span}: {constraint_to_source(c)}")
+    def predicate_fn(self, c, scope, view, i) -> Callable[[str], bool]:
+        """``value -> bool`` for particle ``i``: a formula (``not``/``and``/``or``) of Python predicates on one
+        hole, with each function and its extra arguments evaluated once (``prefix=`` is not passed on)."""
+        if isinstance(c, A.PyPredicate):
+            fn = self.callable_of(c.func)
+            kws = [k for k in c.kwargs if k.name != "prefix"]
+            if not c.args and not kws:  # (no host view values needed: cheap in the per-token prefix check)
+                return lambda v: bool(fn(v))
+            args = [self.eval_for(a, scope, view, i) for a in c.args]
+            kwargs = {k.name: self.eval_for(k.value, scope, view, i) for k in kws}
+            return lambda v: bool(fn(v, *args, **kwargs))
+        if isinstance(c, A.Not):
+            f = self.predicate_fn(c.operand, scope, view, i)
+            return lambda v: not f(v)
+        fs = [self.predicate_fn(x, scope, view, i) for x in c.operands]
+        if isinstance(c, A.And):
+            return lambda v: all(f(v) for f in fs)
+        return lambda v: any(f(v) for f in fs)
 
-    def host(self, to_logw, expr, scope, guard, label, store: Optional[str] = None):
-        """A Host segment evaluating ``expr`` for every active particle; ``to_logw(value)`` -> log-weight
-        increment; ``store``: data key to write the value to. An error kills that particle; an error for
-        every active particle is a :class:`RunError`."""
+    def predicate(self, c, scope, guard):
+        """A formula of Python predicates on a complete hole value (``h.p(X)``, ``not h.p(X)``,
+        ``h.p(X) or h.q(X)``, ...): one host call over all particles at the segment boundary after the hole
+        (-inf where false)."""
+        hole = _predicate_atoms(c)[0].hole
+
+        def compute(view, i, sc):
+            return self.predicate_fn(c, sc, view, i)(self.eval_for(hole, sc, view, i))
+
+        self.host(lambda v: 0.0 if v else -math.inf, None, scope, guard,
+                  f"{c.span}: {constraint_to_source(c)}", compute=compute)
+
+    def prefix_predicates(self, trees, scope, guard, engine_name):
+        """``prefix=true`` predicates, checked on the complete value after the hole: every non-empty prefix
+        (in characters) of the value must satisfy every formula. Prefixes the per-token ``Hole.prefix_check``
+        has already accepted (memo in the particle's data) are not checked again."""
+        memo = f"__prefix_ok:{engine_name}"
+        hole = _predicate_atoms(trees[0])[0].hole
+        label = " and ".join(f"{c.span}: {constraint_to_source(c)}" for c in trees)
+
+        def compute(view, i, sc):
+            value = self.eval_for(hole, sc, view, i)
+            value = "" if value is None else str(value)
+            checked = view.data[i].pop(memo, None)
+            begin = len(checked) if isinstance(checked, str) and value.startswith(checked) else 0
+            fs = [self.predicate_fn(c, sc, view, i) for c in trees]
+            return all(f(value[:j]) for j in range(max(begin, 0) + 1, len(value) + 1) for f in fs)
+
+        self.host(lambda v: 0.0 if v else -math.inf, None, scope, guard, label, compute=compute)
+
+    def prefix_check(self, trees, scope, guard, engine_name, compiled, healed: bool, label: str):
+        """The hole's ``prefix_check``: ``view -> [P] bool``, False for the particles whose partial value has a
+        prefix that fails a ``prefix=true`` formula. The partial value is what is certainly part of the value:
+        the generated bytes minus a possible start of the terminator (the longest suffix that begins the
+        following text / ``stop_before`` string; a ``stop_at`` string is part of the value), minus the healed
+        space, minus an incomplete UTF-8 character at the end. Every character prefix not yet accepted is
+        checked (the accepted part is memoised in the particle's data, so each prefix is checked once)."""
+        term = compiled.terminator
+        stop = term.text.encode("utf-8") if term.kind == "text" and not term.keep else None
+        memo = f"__prefix_ok:{engine_name}"
+        tokenizer = self.tokenizer
+
+        def partial_value(data: bytes) -> str:
+            if stop:
+                k = data.find(stop)
+                data = data[:k] if k >= 0 else data[:len(data) - _pending_prefix(data, stop)]
+            if healed:
+                data = data[1:]
+            return _decode_complete(data)
+
+        def check(view) -> np.ndarray:
+            ok = np.ones(len(view), bool)
+            act = _Lowering.active(guard, view)
+            errors, in_hole = [], 0
+            for i in np.flatnonzero(act):
+                span = view.spans[i].get(engine_name)
+                if span is None or span[1] <= span[0]:
+                    continue
+                in_hole += 1
+                value = partial_value(tokenizer.decode_bytes(view.tokens[i][span[0]:span[1]], skip_special=True))
+                checked = view.data[i].get(memo)
+                begin = len(checked) if isinstance(checked, str) and value.startswith(checked) else 0
+                if len(value) <= begin:
+                    continue
+                try:
+                    fs = [self.predicate_fn(c, scope, view, i) for c in trees]
+                    good = all(f(value[:j]) for j in range(begin + 1, len(value) + 1) for f in fs)
+                except Exception as exc:  # noqa: BLE001 - a failing predicate kills its particle
+                    errors.append(exc)
+                    good = False
+                ok[i] = good
+                if good:
+                    view.data[i][memo] = value
+            if errors and len(errors) == in_hole:  # every particle in the hole failed with an error
+                raise RunError(f"{label}: failed for every particle: {_msg(errors[0])}")
+            return ok
+
+        return check
+
+    def host(self, to_logw, expr, scope, guard, label, store: Optional[str] = None, compute=None):
+        """A Host segment evaluating ``expr`` (or ``compute(view, i, scope)``) for every active particle;
+        ``to_logw(value)`` -> log-weight increment; ``store``: data key to write the value to. An error kills
+        that particle; an error for every active particle is a :class:`RunError`."""
         from lmprog.inference import Host
 
         self.flush()
@@ -749,7 +883,7 @@ class _Lowering:
             errors = []
             for i in np.flatnonzero(act):
                 try:
-                    v = self.eval_for(expr, scope, view, i)
+                    v = self.eval_for(expr, scope, view, i) if compute is None else compute(view, i, scope)
                 except Exception as exc:
                     errors.append(exc)
                     inc[i] = -math.inf
@@ -943,6 +1077,102 @@ def _constraint_hole(c) -> Optional[str]:
     return None
 
 
+def _describe_start(node, seg) -> str:
+    """What comes first in a program, for the no-BOS diagnostic."""
+    from lmprog.inference import Hole, Observe, Text
+
+    if node is None:
+        return "no prompt text"
+    if isinstance(seg, Hole) or isinstance(node, (A.Hole, A.Gen)):
+        return "a hole"
+    if isinstance(seg, Observe):
+        return "observed text (`observe` scores text given what comes before it)"
+    if isinstance(seg, Text):
+        return "text computed during the run"
+    words = {A.Let: "`let`", A.SampleStmt: "`sample`", A.Condition: "`condition`", A.Factor: "`factor`",
+             A.If: "`if`", A.For: "`for`"}
+    return f"host work ({words.get(type(node), type(node).__name__)})"
+
+
+def _predicate_atoms(c) -> list:
+    """The Python predicates of a constraint tree (``not``/``and``/``or`` of ``h.p(X)``)."""
+    return [n for n in A.walk(c) if isinstance(n, A.PyPredicate)]
+
+
+def _is_predicate_tree(c) -> bool:
+    """Whether ``c`` is a Python predicate or a ``not``/``and``/``or`` of Python predicates only."""
+    if isinstance(c, A.PyPredicate):
+        return True
+    if isinstance(c, A.Not):
+        return _is_predicate_tree(c.operand)
+    if isinstance(c, (A.And, A.Or)):
+        return bool(c.operands) and all(_is_predicate_tree(x) for x in c.operands)
+    return False
+
+
+def _heal_constraint(c):
+    """The constraint on ``" " + v`` that holds iff ``c`` holds on ``v``, given that the healed hole also
+    starts with a space (the lowering adds ``StartsWith(" ")``): with ``S`` the strings starting with a space,
+    ``heal(c) ∩ S == " " + L(c)`` for every ``c``, so ``not``/``and``/``or`` carry over (``S`` minus
+    ``heal(c)`` is ``" "`` + the complement of ``L(c)``). None: no such rewrite (grammar, JSON)."""
+    from lmprog.compiler.bytedfa import _strip_anchors, escape_regex
+
+    any_text = "(?s:.*)"
+    if isinstance(c, IR.Regex):
+        return IR.Regex(" (?:" + _strip_anchors(c.pattern) + ")", loc=c.loc)
+    if isinstance(c, IR.IsInt):
+        return IR.Regex(" (?:" + IR.INT_PATTERN + ")", loc=c.loc)
+    if isinstance(c, IR.IsFloat):
+        return IR.Regex(" (?:" + IR.FLOAT_PATTERN + ")", loc=c.loc)
+    if isinstance(c, IR.Choices):
+        return IR.Choices(tuple(" " + str(x) for x in c.items), loc=c.loc)
+    if isinstance(c, IR.StartsWith):
+        return IR.StartsWith(" " + c.s, loc=c.loc)
+    if isinstance(c, IR.Contains):
+        # an occurrence of s in " " + v that is not in v would start at the added space
+        if not c.s.startswith(" "):
+            return c
+        return IR.Regex(" " + any_text + escape_regex(c.s) + any_text, loc=c.loc)
+    if isinstance(c, IR.EndsWith):
+        # " " + v ends with s but v does not only if s == " " + v
+        if not c.s.startswith(" "):
+            return c
+        return IR.Regex(" " + any_text + escape_regex(c.s), loc=c.loc)
+    if isinstance(c, IR.Not):
+        inner = _heal_constraint(c.c)
+        return None if inner is None else IR.Not(inner, loc=c.loc)
+    if isinstance(c, (IR.And, IR.Or)):
+        items = [_heal_constraint(x) for x in c.items]
+        return None if any(x is None for x in items) else type(c)(tuple(items), loc=c.loc)
+    if isinstance(c, IR.Count):
+        # len(" " + v) == len(v) + 1; words(" " + v) == words(v); tokens: the hole's token budget
+        return IR.Count("len", c.op, c.n + 1, loc=c.loc) if c.kind == "len" else c
+    if isinstance(c, IR.StopAt):
+        # exact when s does not start with a space (heal_space checks): its first occurrence in " " + w is
+        # one byte after its first occurrence in w
+        return None if c.s.startswith(" ") else c
+    return None
+
+
+def _pending_prefix(data: bytes, stop: bytes) -> int:
+    """Length of the longest suffix of ``data`` that is a proper prefix of ``stop`` (bytes that may be the
+    start of the terminator, so not yet part of the value)."""
+    for k in range(min(len(data), len(stop) - 1), 0, -1):
+        if data.endswith(stop[:k]):
+            return k
+    return 0
+
+
+def _decode_complete(data: bytes) -> str:
+    """``data`` decoded, without an incomplete UTF-8 character at its end (a token may split a character)."""
+    for cut in range(4):
+        try:
+            return data[:len(data) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return data.decode("utf-8", errors="replace")
+
+
 def _indexed_names(body) -> list[str]:
     """Holes and samples defined inside a loop body (their names become lists after the loop)."""
     out: list[str] = []
@@ -983,13 +1213,16 @@ def _bind_params(params, pos, kw) -> dict:
 
 def _draw(name: str, args: list[dict], seed: int, seg_no: int, view) -> list:
     """One value per active particle from the prior (NumPyro distributions), in one batched call when all
-    particles share their arguments. Keys derive from (seed, segment, particle data) so runs repeat."""
+    particles share their arguments. The key is the engine's fresh key for this host step (``view.key``: the
+    same seed gives the same draws, and re-running the step, as MCMC moves do, draws anew), folded with the
+    segment number; without one, the program's seed."""
     import jax
     import jax.numpy as jnp
     import numpyro.distributions as dist
 
     n = len(args)
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), 7919 + seg_no)
+    base = getattr(view, "key", None)
+    key = jax.random.fold_in(base if base is not None else jax.random.PRNGKey(seed), 7919 + seg_no)
 
     def col(k, dtype=jnp.float32):
         return jnp.asarray([a[k] for a in args], dtype)

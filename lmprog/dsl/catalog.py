@@ -153,7 +153,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("best_of", (Param("n", "int", 8, low=1), Param("score", "expr")), False),
     Strategy("vote", (Param("n", "int", 8, low=1), Param("key", "expr")), False),
     Strategy("mcmc", (Param("steps", "int", 100, low=1), Param("chains", "int", 4, low=1),
-                      Param("burn_in", "int", 0, low=0), Param("move", "str", "suffix", choices=MCMC_MOVES)), True),
+                      Param("burn_in", "int", 0, low=0), Param("move", "str", "suffix", choices=MCMC_MOVES),
+                      Param("particles", "int", 8, low=1)), True),
     Strategy("particle_gibbs", (Param("iterations", "int", 10, low=1), Param("particles", "int", 16, low=1)), True),
 )}
 

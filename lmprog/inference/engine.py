@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import jax
@@ -40,7 +40,7 @@ from lmprog.inference.program import (
 )
 from lmprog.inference.result import InferenceResult, _logsumexp
 from lmprog.inference.state import Consts, HoleParams, RunState, init_particles
-from lmprog.inference.strategies import BestOf, Strategy, Vote
+from lmprog.inference.strategies import MCMC, BestOf, ParticleGibbs, Strategy, Vote
 
 __all__ = ["run", "Progress"]
 
@@ -81,6 +81,7 @@ class _Run:
     ess: list = field(default_factory=list)  # (device ess [k, G], device resampled [k, G], k)
     data: list | None = None  # host per-particle dicts (aligned with `origin` at the last sync)
     prefix_text: str = ""
+    registry: dict = field(default_factory=dict)  # id -> snapshot of a particle's host data (Trace.seg_data)
 
     @property
     def num(self) -> int:
@@ -93,6 +94,22 @@ class _Run:
         if sum(TRACE_COUNTS.values()) != before:
             self.compile_s += time.perf_counter() - t
         return out
+
+    # ---- host data -------------------------------------------------------------------------------
+
+    def sync_data(self, state: RunState) -> RunState:
+        """Align ``data`` with the particles (follow resampling since the last sync)."""
+        origin = np.asarray(jax.device_get(state.particles.origin))
+        if self.data is None:
+            self.data = [{} for _ in range(self.num)]
+        self.data = [dict(self.data[int(o)]) for o in origin]
+        return state._replace(particles=state.particles._replace(origin=jnp.arange(self.num, dtype=jnp.int32)))
+
+    def register(self, data: dict) -> int:
+        """Store a snapshot of one particle's host data; its id goes into ``Trace.seg_data``."""
+        i = len(self.registry)
+        self.registry[i] = dict(data)
+        return i
 
     # ---- host views ------------------------------------------------------------------------------
 
@@ -175,6 +192,75 @@ def _feed(run: _Run, state: RunState, rows: list[list[int]], observe: bool, pos_
     return state, pos_bound
 
 
+def _group_prefix(run: _Run, state: RunState, setup: _Setup) -> tuple[RunState, _Setup]:
+    """Prefill prompt text that is the same for every particle of a group once per distinct text.
+
+    The leading :class:`Text` segments after the shared prefix whose rows are the same for every particle of
+    each group (batch mode: the rows of a batch differ only in their inputs, so each row's own prompt text is
+    its group's) are prefilled at batch 1, continuing the shared prefix's cache, once per distinct text, and
+    the caches are broadcast to the groups' particles, instead of being fed to every particle. The state is
+    the same as after feeding them (the tokens go into the particles' buffers, positions advance): only the
+    LM work is shared, and the prefill kernel already compiled for the shared prefix is reused. Stops at the
+    first segment whose rows differ within a group and at ``Observe`` (scored: fed as usual). Returns the
+    state and the setup with ``first`` moved past the segments it consumed.
+    """
+    from dataclasses import replace
+
+    segs = run.program.segments
+    prefix, t0, num, n = setup.prefix, len(setup.prefix), run.num, run.n
+    j = setup.first
+    if getattr(run.kern.cfg, "trace", False):  # MCMC moves resume at segment starts: keep every segment
+        return state, setup
+    ext: list[list[int]] = [[] for _ in range(run.groups)]
+    while j < len(segs) and type(segs[j]) is Text:
+        state, rows = _forced_rows(run, state, segs[j])
+        if any(rows[i] != rows[i - i % n] for i in range(num)):
+            break
+        for g in range(run.groups):
+            ext[g] += rows[g * n]
+        j += 1
+        p = state.particles
+        lens = np.repeat([len(e) for e in ext], n).astype(np.int32)
+        toks = np.zeros(p.tokens.shape, np.int32)
+        for g, e in enumerate(ext):
+            toks[g * n : (g + 1) * n, : len(e)] = e
+        last = np.array([e[-1] if e else prefix[-1] for e in ext], np.int32).repeat(n)
+        p = p._replace(tokens=jnp.asarray(toks), length=jnp.asarray(lens), last=jnp.asarray(last),
+                       position=jnp.asarray(lens + np.int32(t0 - 1)))
+        state = state._replace(particles=p)
+    if j == setup.first:
+        return state, setup
+    cache1 = jax.tree.map(lambda x: x[:1], state.cache)  # every row holds the shared prefix
+    calls = 0
+    unique: dict[tuple, int] = {}
+    caches = []
+    for e in map(tuple, ext):
+        if e in unique:
+            continue
+        unique[e] = len(caches)
+        cache = cache1
+        feed = [prefix[-1]] + list(e[:-1])
+        for c0 in range(0, len(e), PREFILL_CHUNK):
+            width = min(PREFILL_CHUNK, len(e) - c0)
+            pos = t0 - 1 + c0
+            tpad = min(_pow2(width, 16), setup.cache_len - pos)
+            a = np.zeros((1, tpad), np.int32)
+            b = np.zeros((1, tpad), np.int32)
+            a[0, :width] = feed[c0 : c0 + width]
+            b[0, :width] = e[c0 : c0 + width]
+            _, cache = run.call(run.kern.prefill, run.lm.params, run.consts, cache, jnp.asarray(a), jnp.int32(pos),
+                                jnp.asarray(b), jnp.zeros((1, tpad), bool))
+            calls += 1
+        caches.append(cache)
+    if len(caches) == 1:
+        cache = run.lm.broadcast(caches[0], num)
+    else:
+        cat = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *caches)
+        cache = run.lm.reorder(cat, jnp.asarray(np.repeat([unique[tuple(e)] for e in ext], n).astype(np.int32)))
+    setup = replace(setup, first=j, pos0=t0 - 1 + max(len(e) for e in ext), n_prefill=setup.n_prefill + calls)
+    return state._replace(cache=cache), setup
+
+
 def _hole_params(run: _Run, state: RunState, h: int, hole: Hole, budget: int, slack: int) -> tuple[RunState, HoleParams]:
     num = run.num
     s_total = run.program.num_states
@@ -193,6 +279,7 @@ def _hole_params(run: _Run, state: RunState, h: int, hole: Hole, budget: int, sl
         hole=i32(h),
         max_tokens=jnp.int32(budget),
         max_steps=jnp.int32(budget + slack),
+        pause=jnp.int32(BIG),
     )
     return state, hp
 
@@ -201,39 +288,37 @@ def _budget(hole: Hole, strategy: Strategy) -> int:
     return int(hole.max_tokens if hole.max_tokens is not None else strategy.max_tokens)
 
 
-def run(
-    lm,
-    program: SegmentProgram,
-    strategy: Strategy,
-    *,
-    seed: int = 0,
-    key: jax.Array | None = None,
-    groups: int = 1,
-    chunk: int = 32,
-    progress: Callable[[Progress], None] | None = None,
-) -> InferenceResult:
-    """Run ``program`` on ``lm`` with ``strategy``.
+@dataclass
+class Plan:
+    """Which part of the program each particle runs in a :func:`walk` (MCMC moves; ``None``: everything).
 
-    Args:
-        lm: a :class:`~lmprog.backends.base.LanguageModel`.
-        program: the segment program.
-        strategy: see :mod:`lmprog.inference.strategies`.
-        seed / key: the PRNG seed, or an explicit JAX key (wins). Same key and options -> same result.
-        groups: ``G`` independent copies of the strategy in one batch (``G x particles`` rows; resampling
-            within a group); each group has its own log-evidence estimate. For replicated experiments.
-        chunk: decode steps per device call (the host checks progress between chunks).
-        progress: called with a :class:`Progress` after every chunk.
+    Particle ``i`` is *frozen* (left exactly as it is, KV cache included) before segment ``seg[i]``; at
+    ``seg[i]`` it resumes: at the segment's start (``tok[i] < 0``, state recorded by the last walk's
+    snapshot) or, in a hole, just before token ``tok[i]`` (recorded in its trace); from there on it runs
+    normally. ``seg[i]`` past the last segment freezes it throughout.
 
-    Raises:
-        InferenceError: every particle (of every group) died; names the segment's label.
+    ``stop = (j, k)`` ends the walk inside hole segment ``j`` once particles have ``k`` tokens of it (the
+    SMC time at which a rejuvenation move targets the intermediate distribution).
     """
-    t_start = time.perf_counter()
-    strategy.validate()
-    post = strategy if isinstance(strategy, (BestOf, Vote)) else None
-    base = strategy.base_strategy() if post is not None else strategy
-    if post is not None and groups != 1:
-        raise ValueError(f"{strategy.name} runs a single group")
-    cfg = base.kernel_config(groups=groups, chunk=chunk)
+
+    seg: np.ndarray
+    tok: np.ndarray
+    stop: tuple[int, int] | None = None
+
+
+@dataclass
+class _Setup:
+    prefix: list[int]
+    prefix_lp: float
+    n_prefill: int
+    first: int  # index of the first segment after the shared prefix
+    cache_len: int
+    slack: int
+    pos0: int  # pos_bound at the first segment
+
+
+def _setup(lm, program: SegmentProgram, base: Strategy, cfg, groups: int, key, progress) -> tuple[_Run, RunState, _Setup]:
+    """Kernels, constants, the shared prefix prefilled once and broadcast, fresh particles."""
     kern = get_kernels(lm, cfg)
     n = base.num_particles
     num = groups * n
@@ -290,99 +375,241 @@ def run(
     # blocks are padded only up to the room left, see _feed).
     cache_len = min(max_ctx, _round_up(need + 1, 16))
     holes = program.holes
-    hole_index = {id(h): k for k, h in enumerate(holes)}
 
+    params = lm.params
+    cache1 = lm.init_cache(1, cache_len)
+    prefix_lp = jnp.float32(0.0)
+    n_prefill = 0
+    feed_toks, targets, obs = prefix[:-1], prefix[1:], observed[1:]
+    for c0 in range(0, len(feed_toks), PREFILL_CHUNK):
+        width = min(PREFILL_CHUNK, len(feed_toks) - c0)
+        tpad = min(_pow2(width, 16), cache_len - c0)
+        a = np.zeros((1, tpad), np.int32)
+        b = np.zeros((1, tpad), np.int32)
+        m = np.zeros((1, tpad), bool)
+        a[0, :width] = feed_toks[c0 : c0 + width]
+        b[0, :width] = targets[c0 : c0 + width]
+        m[0, :width] = obs[c0 : c0 + width]
+        lp, cache1 = r.call(kern.prefill, params, consts, cache1, jnp.asarray(a), jnp.int32(c0), jnp.asarray(b), jnp.asarray(m))
+        prefix_lp = prefix_lp + lp
+        n_prefill += 1
+    prefix_lp = float(prefix_lp)
+    if not prefix_lp > -math.inf:
+        raise InferenceError(
+            f"the observed prompt text has probability 0 at {'; '.join(prefix_labels)}",
+            label="; ".join(prefix_labels),
+            segment=0,
+            causes={"observe": num},
+        )
+    cache = lm.broadcast(cache1, num)
+    del cache1
+
+    parts = init_particles(num, buf_len, len(holes), prefix[-1], t0 - 1, num_segments=len(segs) + 1, trace=cfg.trace)
+    lw0 = prefix_lp if (cfg.weighted or cfg.select == "beam") else 0.0
+    lw = np.full((num,), lw0, np.float32)
+    sc = np.full((num,), prefix_lp, np.float32)
+    cause = np.zeros((num,), np.int32)
+    if cfg.select == "beam":  # identical copies: only beam 0 is a real candidate at the start
+        lw[1:] = sc[1:] = -np.inf
+        cause[1:] = int(Cause.UNUSED)
+    parts = parts._replace(log_weight=jnp.asarray(lw), score=jnp.asarray(sc), cause=jnp.asarray(cause),
+                           lw_total=jnp.asarray(lw))
+    state = RunState(
+        particles=parts,
+        cache=cache,
+        log_z=jnp.zeros((groups,), jnp.float32),
+        key=key,
+        n_tokens=jnp.int32(0),
+        n_forward=jnp.int32(0),
+    )
+    setup = _Setup(prefix=prefix, prefix_lp=prefix_lp, n_prefill=n_prefill, first=i0, cache_len=cache_len,
+                   slack=slack, pos0=t0 - 1)
+    return r, state, setup
+
+
+def walk(r: _Run, state: RunState, setup: _Setup, plan: Plan | None = None, *, check: bool = True,
+         rejuvenate: Callable | None = None, replay: np.ndarray | None = None) -> RunState:
+    """Run the program's segments after the shared prefix for every particle (or as ``plan`` says).
+
+    With ``check``, every particle dying in a segment raises :class:`InferenceError` naming it. With
+    ``rejuvenate(state, segment index, steps) -> state``, it is called inside holes after every decode
+    step that resampled (the kernels end their chunk there: ``KernelConfig.stop_on_resample``).
+    ``replay [P] bool``: these particles replay the execution recorded in their trace (tokens through
+    ``force_len``; host data and host log-weight increments from the segment snapshots).
+    """
+    base, kern, params, consts = r.strategy, r.kern, r.lm.params, r.consts
+    num = r.num
+    segs = r.program.segments
+    hole_index = {id(h): k for k, h in enumerate(r.program.holes)}
+    tracing = kern.cfg.trace
+    prefix_last = jnp.int32(setup.prefix[-1])
+    pos_bound = setup.pos0
+    for j in range(setup.first, len(segs)):
+        seg = segs[j]
+        if plan is not None:
+            if plan.stop is not None and j > plan.stop[0]:
+                break
+            frozen = plan.seg > j
+            here = plan.seg == j
+            at_start = here & (plan.tok < 0)
+            in_hole = here & (plan.tok >= 0)
+            if at_start.any():
+                first_hole = sum(isinstance(s, Hole) for s in segs[:j])
+                state = r.call(kern.resume_segment, state, jnp.asarray(at_start), jnp.int32(j), jnp.int32(first_hole),
+                               prefix_last)
+                ids = np.asarray(jax.device_get(state.particles.trace.seg_data[:, j]))
+                state = r.sync_data(state)
+                for i in np.flatnonzero(at_start):
+                    r.data[i] = dict(r.registry[int(ids[i])])
+            running = ~frozen & ~in_hole
+        else:
+            frozen = in_hole = None
+            running = np.ones((num,), bool)
+        if tracing and running.any():
+            # A replaying particle's snapshots are those of the execution it replays (the next segment's
+            # is read back at host steps), so they are not overwritten.
+            state = _snapshot(r, state, j, running if replay is None else running & ~replay)
+
+        if isinstance(seg, (Text, Observe)):
+            state, rows = _forced_rows(r, state, seg)
+            if frozen is not None:
+                rows = [[] if frozen[i] or in_hole[i] else row for i, row in enumerate(rows)]
+            state, pos_bound = _feed(r, state, rows, isinstance(seg, Observe), pos_bound, setup.cache_len)
+            if isinstance(seg, Observe) and check:
+                r.check_alive(state, j, seg)
+        elif isinstance(seg, Hole):
+            budget = _budget(seg, base)
+            state, hp = _hole_params(r, state, hole_index[id(seg)], seg, budget, setup.slack)
+            stop_here = plan is not None and plan.stop is not None and plan.stop[0] == j
+            if plan is not None:
+                hp = hp._replace(start=jnp.where(jnp.asarray(running), hp.start, -1))
+            if stop_here:
+                hp = hp._replace(pause=jnp.int32(plan.stop[1]))
+            state = r.call(kern.begin_hole, state, hp)
+            if in_hole is not None and in_hole.any():
+                state = r.call(kern.resume_hole, state, jnp.asarray(in_hole), jnp.asarray(plan.tok, jnp.int32),
+                               jnp.full((num,), hole_index[id(seg)], jnp.int32), prefix_last)
+            steps_done = 0
+            # A predicate on every prefix (h.pred(X, prefix=true)) is a host call after every token.
+            step_kern = kern if seg.prefix_check is None else get_kernels(r.lm, replace(kern.cfg, chunk=1))
+            while True:
+                state, ess_buf, res_buf, steps, active = r.call(step_kern.hole_chunk, params, consts, hp, state)
+                if seg.prefix_check is not None and steps:
+                    state, view = r.view(state)
+                    ok = np.asarray(seg.prefix_check(view), bool).reshape(-1)
+                    if ok.shape != (num,):
+                        raise ValueError(f"hole {seg.name!r}: prefix_check returned {ok.shape[0]} values for {num} particles")
+                    if not ok.all():
+                        state = r.call(kern.add_log_weight, state, jnp.asarray(np.where(ok, 0.0, -np.inf), jnp.float32))
+                        active = int(jax.device_get(jnp.sum(~state.particles.done & (state.particles.n_hole < hp.pause))))
+                steps, active = int(steps), int(active)
+                steps_done += steps
+                r.ess.append((ess_buf, res_buf, steps))
+                if r.progress is not None:
+                    r.progress(Progress(seg.name, steps_done, budget, active))
+                if active and rejuvenate is not None and steps and bool(np.asarray(res_buf[steps - 1]).any()):
+                    state = rejuvenate(state, j, steps_done)
+                if active == 0:
+                    break
+                if steps_done > budget + setup.slack + 1:  # pragma: no cover - the budget rule guarantees termination
+                    raise RuntimeError(f"hole {seg.name!r} did not finish within its budget of {budget} tokens")
+            pos_bound += budget + setup.slack
+            if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
+                state = r.call(kern.refine_causes, consts, hp, state)
+            if check:
+                r.check_alive(state, j, seg)
+            if stop_here:
+                break
+        elif isinstance(seg, Host):
+            state, view = r.view(state)
+            key, view.key = jax.random.split(state.key)
+            state = state._replace(key=key)
+            keep = {int(i): dict(r.data[i]) for i in np.flatnonzero(~running)} if plan is not None else {}
+            inc = seg.fn(view)
+            for i, d in keep.items():
+                r.data[i] = d
+            if inc is not None:
+                inc = np.asarray(inc, np.float32).reshape(-1)
+                if inc.shape != (num,):
+                    raise ValueError(f"{seg.label or 'host step'}: returned {inc.shape[0]} values for {num} particles")
+                if np.isnan(inc).any() or np.isposinf(inc).any():
+                    raise ValueError(f"{seg.label or 'host step'}: log-weight increments must be finite or -inf")
+                if keep:
+                    inc = np.where(running, inc, np.float32(0.0))
+            if replay is not None and replay.any():
+                seg_lw, seg_data = jax.device_get((state.particles.trace.seg_log_weight[:, j : j + 2],
+                                                   state.particles.trace.seg_data[:, j + 1]))
+                inc = np.zeros((num,), np.float32) if inc is None else inc
+                for i in np.flatnonzero(replay):
+                    r.data[i] = dict(r.registry[int(seg_data[i])])
+                    inc[i] = seg_lw[i, 1] - seg_lw[i, 0]
+            if inc is not None:
+                state = r.call(kern.add_log_weight, state, jnp.asarray(inc))
+                if check:
+                    r.check_alive(state, j, seg)
+    else:
+        if tracing:  # the end of the program: Trace slot len(segs)
+            running = np.ones((num,), bool) if plan is None else plan.seg <= len(segs)
+            if replay is not None:
+                running = running & ~replay
+            state = _snapshot(r, state, len(segs), running)
+    return state
+
+
+def _snapshot(r: _Run, state: RunState, j: int, mask: np.ndarray) -> RunState:
+    """Record segment ``j``'s start for the particles in ``mask`` (Trace.seg_*; host data in the registry)."""
+    state = r.sync_data(state)
+    ids = np.full((r.num,), -1, np.int32)
+    for i in np.flatnonzero(mask):
+        ids[i] = r.register(r.data[i])
+    return r.call(r.kern.snapshot, state, jnp.int32(j), jnp.asarray(mask), jnp.asarray(ids))
+
+
+def run(
+    lm,
+    program: SegmentProgram,
+    strategy: Strategy,
+    *,
+    seed: int = 0,
+    key: jax.Array | None = None,
+    groups: int = 1,
+    chunk: int = 32,
+    progress: Callable[[Progress], None] | None = None,
+) -> InferenceResult:
+    """Run ``program`` on ``lm`` with ``strategy``.
+
+    Args:
+        lm: a :class:`~lmprog.backends.base.LanguageModel`.
+        program: the segment program.
+        strategy: see :mod:`lmprog.inference.strategies`.
+        seed / key: the PRNG seed, or an explicit JAX key (wins). Same key and options -> same result.
+        groups: ``G`` independent copies of the strategy in one batch (``G x particles`` rows; resampling
+            within a group); each group has its own log-evidence estimate. For replicated experiments.
+        chunk: decode steps per device call (the host checks progress between chunks).
+        progress: called with a :class:`Progress` after every chunk.
+
+    Raises:
+        InferenceError: every particle (of every group) died; names the segment's label.
+    """
+    t_start = time.perf_counter()
+    strategy.validate()
+    if isinstance(strategy, (MCMC, ParticleGibbs)) or getattr(strategy, "rejuvenate", 0):
+        from lmprog.inference import mcmc
+
+        return mcmc.run(lm, program, strategy, key=key if key is not None else jax.random.key(seed), groups=groups,
+                        chunk=chunk, progress=progress)
+    post = strategy if isinstance(strategy, (BestOf, Vote)) else None
+    base = strategy.base_strategy() if post is not None else strategy
+    if post is not None and groups != 1:
+        raise ValueError(f"{strategy.name} runs a single group")
+    cfg = base.kernel_config(groups=groups, chunk=chunk)
+    k = key if key is not None else jax.random.key(seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        params = lm.params
-        cache1 = lm.init_cache(1, cache_len)
-        prefix_lp = jnp.float32(0.0)
-        n_prefill = 0
-        feed_toks, targets, obs = prefix[:-1], prefix[1:], observed[1:]
-        for c0 in range(0, len(feed_toks), PREFILL_CHUNK):
-            width = min(PREFILL_CHUNK, len(feed_toks) - c0)
-            tpad = min(_pow2(width, 16), cache_len - c0)
-            a = np.zeros((1, tpad), np.int32)
-            b = np.zeros((1, tpad), np.int32)
-            m = np.zeros((1, tpad), bool)
-            a[0, :width] = feed_toks[c0 : c0 + width]
-            b[0, :width] = targets[c0 : c0 + width]
-            m[0, :width] = obs[c0 : c0 + width]
-            lp, cache1 = r.call(kern.prefill, params, consts, cache1, jnp.asarray(a), jnp.int32(c0), jnp.asarray(b), jnp.asarray(m))
-            prefix_lp = prefix_lp + lp
-            n_prefill += 1
-        prefix_lp = float(prefix_lp)
-        if not prefix_lp > -math.inf:
-            raise InferenceError(
-                f"the observed prompt text has probability 0 at {'; '.join(prefix_labels)}",
-                label="; ".join(prefix_labels),
-                segment=0,
-                causes={"observe": num},
-            )
-        cache = lm.broadcast(cache1, num)
-        del cache1
-
-        parts = init_particles(num, buf_len, len(holes), prefix[-1], t0 - 1)
-        lw0 = prefix_lp if (cfg.weighted or cfg.select == "beam") else 0.0
-        lw = np.full((num,), lw0, np.float32)
-        sc = np.full((num,), prefix_lp, np.float32)
-        cause = np.zeros((num,), np.int32)
-        if cfg.select == "beam":  # identical copies: only beam 0 is a real candidate at the start
-            lw[1:] = sc[1:] = -np.inf
-            cause[1:] = int(Cause.UNUSED)
-        parts = parts._replace(log_weight=jnp.asarray(lw), score=jnp.asarray(sc), cause=jnp.asarray(cause))
-        k = key if key is not None else jax.random.key(seed)
-        state = RunState(
-            particles=parts,
-            cache=cache,
-            log_z=jnp.zeros((groups,), jnp.float32),
-            key=k,
-            n_tokens=jnp.int32(0),
-            n_forward=jnp.int32(0),
-        )
-
-        # ---- the segments after the prefix ----------------------------------------------------------
-        pos_bound = t0 - 1
-        for j, seg in enumerate(rest):
-            seg_index = i0 + j
-            if isinstance(seg, (Text, Observe)):
-                state, rows = _forced_rows(r, state, seg)
-                state, pos_bound = _feed(r, state, rows, isinstance(seg, Observe), pos_bound, cache_len)
-                if isinstance(seg, Observe):
-                    r.check_alive(state, seg_index, seg)
-            elif isinstance(seg, Hole):
-                budget = _budget(seg, base)
-                state, hp = _hole_params(r, state, hole_index[id(seg)], seg, budget, slack)
-                state = r.call(kern.begin_hole, state, hp)
-                steps_done = 0
-                for _ in range((budget + slack) // chunk + 2):
-                    state, ess_buf, res_buf, steps, active = r.call(kern.hole_chunk, params, consts, hp, state)
-                    steps, active = int(steps), int(active)
-                    steps_done += steps
-                    r.ess.append((ess_buf, res_buf, steps))
-                    if progress is not None:
-                        progress(Progress(seg.name, steps_done, budget, active))
-                    if active == 0:
-                        break
-                else:  # pragma: no cover - the budget rule guarantees termination
-                    raise RuntimeError(f"hole {seg.name!r} did not finish within its budget of {budget} tokens")
-                pos_bound += budget + slack
-                if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
-                    state = r.call(kern.refine_causes, consts, hp, state)
-                r.check_alive(state, seg_index, seg)
-            elif isinstance(seg, Host):
-                state, view = r.view(state)
-                inc = seg.fn(view)
-                if inc is not None:
-                    inc = np.asarray(inc, np.float32).reshape(-1)
-                    if inc.shape != (num,):
-                        raise ValueError(f"{seg.label or 'host step'}: returned {inc.shape[0]} values for {num} particles")
-                    if np.isnan(inc).any() or np.isposinf(inc).any():
-                        raise ValueError(f"{seg.label or 'host step'}: log-weight increments must be finite or -inf")
-                    state = r.call(kern.add_log_weight, state, jnp.asarray(inc))
-                    r.check_alive(state, seg_index, seg)
-
-        result = _assemble(r, state, prefix, prefix_lp, n_prefill, t_start)
+        r, state, setup = _setup(lm, program, base, cfg, groups, k, progress)
+        state, setup = _group_prefix(r, state, setup)
+        state = walk(r, state, setup)
+        result = _assemble(r, state, setup.prefix, setup.prefix_lp, setup.n_prefill, t_start)
     if post is not None:
         result = _postprocess(post, result)
     result.stats["wall_s"] = time.perf_counter() - t_start

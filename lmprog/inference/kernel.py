@@ -44,6 +44,11 @@ class KernelConfig:
         resampler: a name in :data:`~lmprog.inference.resampling.RESAMPLERS`, or ``None`` (never resample).
         groups: independent copies of the algorithm in one batch (resampling stays within a group).
         chunk: decode steps per device call.
+        trace: record every hole token's state and every segment start (:class:`~lmprog.inference.state.Trace`)
+            so MCMC moves can cut a trajectory anywhere and regenerate the rest.
+        stop_on_resample: end a chunk right after a step that resampled (SMC with rejuvenation moves).
+        conditional: particle 0 of every group is its own ancestor at every resampling (conditional SMC,
+            particle Gibbs' reference trajectory); the others are resampled from all particles.
     """
 
     select: str = "sample"
@@ -51,6 +56,9 @@ class KernelConfig:
     resampler: str | None = None
     groups: int = 1
     chunk: int = 32
+    trace: bool = False
+    stop_on_resample: bool = False
+    conditional: bool = False
 
     def __post_init__(self):
         if self.select not in ("sample", "argmax", "beam"):
@@ -97,6 +105,11 @@ class Kernels:
         self.hole_chunk = jax.jit(self._hole_chunk, donate_argnames=("state",))
         self.add_log_weight = jax.jit(self._add_log_weight, donate_argnames=("state",))
         self.refine_causes = jax.jit(self._refine_causes, donate_argnames=("state",))
+        self.snapshot = jax.jit(self._snapshot, donate_argnames=("state",))
+        self.resume_hole = jax.jit(self._resume_hole, donate_argnames=("state",))
+        self.resume_segment = jax.jit(self._resume_segment, donate_argnames=("state",))
+        self.select = jax.jit(self._select, donate_argnames=("current", "proposal"))
+        self.copy = jax.jit(lambda state: jax.tree.map(jnp.copy, state))
 
     # ------------------------------------------------------------------------------------------------
     # Prefill of the shared prefix (batch 1)
@@ -139,9 +152,10 @@ class Kernels:
             score = p.score + inc
             log_weight = p.log_weight + inc if (cfg.weighted or cfg.select == "beam") else p.log_weight
             log_weight = jnp.where(died, NEG_INF, log_weight)
+            lw_total = jnp.where(died, NEG_INF, p.lw_total + inc if cfg.weighted else p.lw_total)
             cause = jnp.where(died, int(Cause.OBSERVE), p.cause)
         else:
-            score, log_weight, cause = p.score, p.log_weight, p.cause
+            score, log_weight, lw_total, cause = p.score, p.log_weight, p.lw_total, p.cause
         rows = jnp.arange(num)[:, None]
         slots = jnp.where(valid, p.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], p.tokens.shape[1])
         buf = p.tokens.at[rows, slots].set(tokens, mode="drop")
@@ -154,6 +168,7 @@ class Kernels:
             tokens=buf,
             score=score,
             log_weight=log_weight,
+            lw_total=lw_total,
             cause=cause,
         )
         return state._replace(
@@ -174,10 +189,13 @@ class Kernels:
         inc = jnp.where(alive, inc.astype(jnp.float32), 0.0)
         died = alive & ~(inc > NEG_INF)
         log_weight = p.log_weight + inc if (self.cfg.weighted or self.cfg.select == "beam") else p.log_weight
+        lw_total = p.lw_total + inc if self.cfg.weighted else p.lw_total
         p = p._replace(
             score=p.score + inc,
             log_weight=jnp.where(died, NEG_INF, log_weight),
+            lw_total=jnp.where(died, NEG_INF, lw_total),
             cause=jnp.where(died, int(Cause.HOST), p.cause),
+            done=p.done | died,  # inside a hole (prefix predicates) a killed particle stops generating
         )
         return state._replace(particles=p)
 
@@ -249,7 +267,19 @@ class Kernels:
         new_auto, new_counts = consts.table.step(p.auto, p.counts, tok)
         ends = consts.table.done(new_auto, new_counts)
         auto = jnp.where(alive, new_auto, p.auto)
+        tr = p.trace
+        at = (rows, jnp.where(alive, p.length, tr.auto.shape[1]))  # out of range (dropped) unless alive
+        cur_hlp = jnp.take_along_axis(p.hole_logp, jnp.clip(p.hole, 0, h - 1)[:, None], axis=1)[:, 0] if h else p.score * 0
+        tr = tr._replace(
+            auto=tr.auto.at[at].set(p.auto, mode="drop"),
+            counts=tr.counts.at[at].set(p.counts, mode="drop"),
+            log_weight=tr.log_weight.at[at].set(p.lw_total, mode="drop"),
+            score=tr.score.at[at].set(p.score, mode="drop"),
+            hole_logp=tr.hole_logp.at[at].set(cur_hlp, mode="drop"),
+        )
         return p._replace(
+            trace=tr,
+            lw_total=jnp.where(died, NEG_INF, p.lw_total + jnp.where(alive, inc_w, 0.0)),
             last=jnp.where(alive, tok, p.last),
             position=p.position + alive,
             length=new_len,
@@ -270,7 +300,7 @@ class Kernels:
         p = state.particles
         z, cache = self._logits(params, consts, state)
         ok = self._mask(consts, hp, p)
-        active = ~p.done
+        active = ~p.done & (p.n_hole < hp.pause)
         lse_all = jax.nn.logsumexp(z, axis=-1)
         masked = jnp.where(ok, z, NEG_INF)
         if self.cfg.select == "argmax":
@@ -278,8 +308,15 @@ class Kernels:
             lse_masked = jax.nn.logsumexp(masked, axis=-1)
         else:
             tok, lse_masked = sample_masked(key, masked)
+        # Replay (conditional SMC's reference, chains started from given sequences): take the recorded token,
+        # weighted exactly as if it had been sampled; a replayed token the mask forbids kills the particle.
+        num = tok.shape[0]
+        forced = p.length < p.force_len
+        f_tok = p.tokens[jnp.arange(num), jnp.minimum(p.length, p.tokens.shape[1] - 1)]
+        tok = jnp.where(forced, f_tok, tok)
+        tok_ok = ok[jnp.arange(num), tok]
         log_mass = lse_masked - lse_all  # log of the allowed probability mass
-        alive = active & (log_mass > NEG_INF)
+        alive = active & (log_mass > NEG_INF) & tok_ok
         died = active & ~alive
         tok = jnp.where(alive, tok, 0)
         lp_tok = jnp.take_along_axis(z, tok[:, None], axis=1)[:, 0] - lse_all
@@ -337,10 +374,108 @@ class Kernels:
         )
 
     # ------------------------------------------------------------------------------------------------
+    # Cutting and restoring trajectories (MCMC suffix moves, see lmprog.inference.mcmc)
+    # ------------------------------------------------------------------------------------------------
+
+    def _snapshot(self, state: RunState, slot, mask, data_ids):
+        """Record the start of segment ``slot`` for the particles in ``mask`` (with their host data ids)."""
+        TRACE_COUNTS["snapshot"] += 1
+        p = state.particles
+        tr = p.trace
+        put = lambda a, v: a.at[:, slot].set(jnp.where(mask, v, a[:, slot]))  # noqa: E731
+        tr = tr._replace(
+            seg_length=put(tr.seg_length, p.length),
+            seg_log_weight=put(tr.seg_log_weight, p.lw_total),
+            seg_score=put(tr.seg_score, p.score),
+            seg_data=put(tr.seg_data, data_ids),
+        )
+        return state._replace(particles=p._replace(trace=tr))
+
+    @staticmethod
+    def _cut(p: Particles, mask, t, prefix_last, first_cleared_hole):
+        """Particles in ``mask`` go back to ``t`` tokens after the prefix: the KV cache of the kept tokens is
+        left as it is (slots past the new position are overwritten as the particle goes on); holes from
+        ``first_cleared_hole`` on are forgotten."""
+        num, h = p.spans.shape[:2]
+        rows = jnp.arange(num)
+        last = jnp.where(t > 0, p.tokens[rows, jnp.maximum(t - 1, 0)], prefix_last)
+        clear = mask[:, None] & (jnp.arange(h)[None, :] >= first_cleared_hole[:, None])
+        return p._replace(
+            last=jnp.where(mask, last, p.last),
+            position=jnp.where(mask, p.position - p.length + t, p.position),
+            length=jnp.where(mask, t, p.length),
+            spans=jnp.where(clear[..., None], 0, p.spans),
+            hole_logp=jnp.where(clear, 0.0, p.hole_logp),
+            cause=jnp.where(mask, 0, p.cause),
+            force_len=jnp.where(mask, 0, p.force_len),
+        )
+
+    def _resume_hole(self, state: RunState, mask, t, hole, prefix_last):
+        """Particles in ``mask`` go back to just before token ``t[i]`` (a token of hole ``hole[i]``), in the
+        middle of that hole, with the automaton state, counters, weight and score recorded there; the
+        next hole step regenerates token ``t[i]``."""
+        TRACE_COUNTS["resume_hole"] += 1
+        p = state.particles
+        num = p.last.shape[0]
+        rows = jnp.arange(num)
+        tr = p.trace
+        ti = jnp.clip(t, 0, tr.auto.shape[1] - 1)
+        hole = jnp.clip(hole, 0, p.spans.shape[1] - 1)
+        start = p.spans[rows, hole, 0]
+        p = self._cut(p, mask, t, prefix_last, hole + 1)
+        m1 = mask[:, None]
+        p = p._replace(
+            auto=jnp.where(mask, tr.auto[rows, ti], p.auto),
+            counts=jnp.where(m1, tr.counts[rows, ti], p.counts),
+            hole=jnp.where(mask, hole, p.hole),
+            n_hole=jnp.where(mask, t - start, p.n_hole),
+            done=jnp.where(mask, False, p.done),
+            lw_total=jnp.where(mask, tr.log_weight[rows, ti], p.lw_total),
+            log_weight=jnp.where(mask, tr.log_weight[rows, ti], p.log_weight),
+            score=jnp.where(mask, tr.score[rows, ti], p.score),
+            spans=p.spans.at[rows, hole, 1].set(jnp.where(mask, t, p.spans[rows, hole, 1])),
+            hole_logp=p.hole_logp.at[rows, hole].set(jnp.where(mask, tr.hole_logp[rows, ti], p.hole_logp[rows, hole])),
+        )
+        return state._replace(particles=p)
+
+    def _resume_segment(self, state: RunState, mask, slot, first_hole, prefix_last):
+        """Particles in ``mask`` go back to the start of segment ``slot`` (recorded by :meth:`_snapshot`);
+        holes from ``first_hole`` on (those of this segment and after) are forgotten."""
+        TRACE_COUNTS["resume_segment"] += 1
+        p = state.particles
+        tr = p.trace
+        t = tr.seg_length[:, slot]
+        p = self._cut(p, mask, t, prefix_last, jnp.full_like(t, first_hole))
+        p = p._replace(
+            auto=jnp.where(mask, -1, p.auto),
+            counts=jnp.where(mask[:, None], 0, p.counts),
+            hole=jnp.where(mask, -1, p.hole),
+            n_hole=jnp.where(mask, 0, p.n_hole),
+            done=jnp.where(mask, True, p.done),
+            lw_total=jnp.where(mask, tr.seg_log_weight[:, slot], p.lw_total),
+            log_weight=jnp.where(mask, tr.seg_log_weight[:, slot], p.log_weight),
+            score=jnp.where(mask, tr.seg_score[:, slot], p.score),
+        )
+        return state._replace(particles=p)
+
+    def _select(self, current: RunState, proposal: RunState, accept):
+        """Row ``i`` from ``proposal`` where ``accept[i]``, else from ``current`` (particles and KV cache;
+        every cache leaf has the particle axis first, as :meth:`LanguageModel.reorder` assumes)."""
+        TRACE_COUNTS["select"] += 1
+
+        def pick(a, b):
+            return jnp.where(jnp.reshape(accept, (-1,) + (1,) * (a.ndim - 1)), b, a)
+
+        return proposal._replace(
+            particles=jax.tree.map(pick, current.particles, proposal.particles),
+            cache=jax.tree.map(pick, current.cache, proposal.cache),
+        )
+
+    # ------------------------------------------------------------------------------------------------
     # Resampling
     # ------------------------------------------------------------------------------------------------
 
-    def _maybe_resample(self, consts: Consts, state: RunState, key):
+    def _maybe_resample(self, consts: Consts, hp: HoleParams, state: RunState, key):
         """ESS per group; resample the groups whose ESS fell below the threshold.
 
         Resampling sets a group's log-weights to 0 and adds ``logsumexp(w) - log N`` to its ``log_z``, so
@@ -362,17 +497,21 @@ class Kernels:
         do = (lse > NEG_INF) & ((thr >= 1.0) | (ess < thr * n))
         # No point resampling a group where every particle has finished the hole. Weight changes between
         # holes (observed text, host factors) are taken into account at the next check, after the next token.
-        do = do & jnp.any((~p.done).reshape(g, n), axis=1)
+        do = do & jnp.any((~p.done & (p.n_hole < hp.pause)).reshape(g, n), axis=1)
         resampler = resampling.get_resampler(cfg.resampler)
 
         def go(state: RunState) -> RunState:
             w = resampling.normalized_weights(lw)
             keys = jax.random.split(key, g)
             anc = jax.vmap(resampler, in_axes=(0, 0, None))(keys, w, n)
+            if cfg.conditional:
+                anc = anc.at[:, 0].set(0)
             anc = jnp.where(do[:, None], anc, jnp.arange(n, dtype=jnp.int32)[None, :])
             anc = (anc + (jnp.arange(g, dtype=jnp.int32) * n)[:, None]).reshape(num)
             q = jax.tree.map(lambda x: jnp.take(x, anc, axis=0), state.particles)
             q = q._replace(log_weight=jnp.where(do[:, None], 0.0, lw).reshape(num))
+            if cfg.conditional:  # descendants of the reference do not replay it
+                q = q._replace(force_len=jnp.where(jnp.arange(num) % n == 0, q.force_len, 0))
             return state._replace(
                 particles=q,
                 cache=self.lm.reorder(state.cache, anc),
@@ -397,15 +536,21 @@ class Kernels:
         g = cfg.groups
         step = self._beam_step if cfg.select == "beam" else self._sample_step
 
+        def running(p: Particles):
+            return ~p.done & (p.n_hole < hp.pause)
+
         def cond(c):
-            i, st, _, _ = c
-            return (i < cfg.chunk) & jnp.any(~st.particles.done)
+            i, st, _, res_buf = c
+            go = (i < cfg.chunk) & jnp.any(running(st.particles))
+            if cfg.stop_on_resample:
+                go = go & ~((i > 0) & jnp.any(res_buf[jnp.maximum(i - 1, 0)]))
+            return go
 
         def body(c):
             i, st, ess_buf, res_buf = c
             key, k_step, k_res = jax.random.split(st.key, 3)
             st = step(params, consts, hp, st._replace(key=key), k_step)
-            st, ess, did = self._maybe_resample(consts, st, k_res)
+            st, ess, did = self._maybe_resample(consts, hp, st, k_res)
             return i + 1, st, ess_buf.at[i].set(ess), res_buf.at[i].set(did)
 
         init = (
@@ -415,7 +560,7 @@ class Kernels:
             jnp.zeros((cfg.chunk, g), bool),
         )
         steps, state, ess_buf, res_buf = lax.while_loop(cond, body, init)
-        return state, ess_buf, res_buf, steps, jnp.sum(~state.particles.done)
+        return state, ess_buf, res_buf, steps, jnp.sum(running(state.particles))
 
 
 _KERNELS: dict = {}

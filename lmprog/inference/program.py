@@ -135,6 +135,11 @@ class Hole:
             not kept: ``CompiledHole.strip_bytes``).
         value: optional ``bytes -> str`` for the value (after ``strip``); by default UTF-8 decoding.
         label: source location and constraint text.
+        prefix_check: optional ``view -> [P] bool`` for ``h.pred(X, prefix=true)``: called after every token
+            of the hole (``view.spans[i][name]`` covers the tokens generated so far); ``False`` kills the
+            particle (cause ``HOST``). It returns ``True`` for particles that are dead, not in this hole, or
+            whose partial value cannot be judged yet. The lowering also checks the complete value (every
+            prefix of it) in a ``Host`` segment after the hole, so this is an early kill, not the only check.
     """
 
     name: str
@@ -143,6 +148,7 @@ class Hole:
     strip: int = 0
     value: Callable[[bytes], str] | None = None
     label: str = ""
+    prefix_check: Callable[["HostView"], np.ndarray] | None = None
 
     def __post_init__(self):
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -230,6 +236,8 @@ class HostView:
         prefix_text: the shared prompt text.
         hole_logprobs: ``[P, H]`` LM log-probability (tempered) of each hole's tokens so far, columns in the
             order of ``holes``; follows resampling like the rest (None: not provided).
+        key: for ``Host`` steps, a fresh JAX PRNG key split from the run's key (random choices such as
+            ``sample`` draw from it, so every execution of the step, e.g. an MCMC move, draws anew).
     """
 
     tokens: list[list[int]]
@@ -240,6 +248,7 @@ class HostView:
     holes: dict[str, Hole]
     prefix_text: str = ""
     hole_logprobs: Any = None
+    key: Any = None
     _values: list | None = field(default=None, repr=False)
 
     def __len__(self) -> int:

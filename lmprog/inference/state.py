@@ -9,7 +9,12 @@ Token stream conventions (per particle):
 * ``last`` is the *pending* token: the newest token of the sequence, not yet fed to the LM. It will be
   written at cache slot ``position``; the cache holds slots ``0 .. position - 1``.
 * ``tokens[:length]`` is every token after the shared prompt prefix (forced and generated), ``last``
-  included once it is past the prefix.
+  included once it is past the prefix. ``tokens[length:force_len]`` are tokens to *replay*: while
+  ``length < force_len`` a hole step takes ``tokens[length]`` instead of sampling (conditional SMC's
+  reference trajectory, MCMC chains started from given sequences).
+
+The :class:`Trace` records, per particle, what MCMC needs to cut a trajectory at any token or segment and
+regenerate the rest (see :mod:`lmprog.inference.mcmc`); its arrays have width 0 unless the kernels trace.
 """
 
 from __future__ import annotations
@@ -22,6 +27,23 @@ import jax.numpy as jnp
 from lmprog.compiler.automaton import TokenTable
 
 PyTree = Any
+
+
+class Trace(NamedTuple):
+    """Per-particle history for suffix moves. Token arrays ``[P, L]`` hold the state *before* the token at
+    that index of ``tokens`` was generated (only hole tokens are recorded); segment arrays ``[P, S]`` hold
+    the state at the start of segment ``s`` of the program (``s = S - 1``: the end of the program). Widths are
+    0 when not tracing."""
+
+    auto: jax.Array  # [P, L] int32 automaton state before the token
+    counts: jax.Array  # [P, L, 3] int32 hole counters before the token
+    log_weight: jax.Array  # [P, L] f32 Particles.lw_total before the token
+    score: jax.Array  # [P, L] f32 Particles.score before the token
+    hole_logp: jax.Array  # [P, L] f32 the current hole's log-probability before the token
+    seg_length: jax.Array  # [P, S] int32 tokens at the start of segment s
+    seg_log_weight: jax.Array  # [P, S] f32 lw_total at the start of segment s
+    seg_score: jax.Array  # [P, S] f32 score at the start of segment s
+    seg_data: jax.Array  # [P, S] int32 id of the host data snapshot at the start of segment s (-1: none)
 
 
 class Particles(NamedTuple):
@@ -42,6 +64,9 @@ class Particles(NamedTuple):
     spans: jax.Array  # [P, H, 2] int32 [start, end) of each hole in `tokens`
     hole_logp: jax.Array  # [P, H] f32 LM log-probability (tempered) of each hole's tokens
     origin: jax.Array  # [P] int32 index, at the last host sync, of the particle this one descends from
+    lw_total: jax.Array  # [P] f32 sum of every log-weight increment so far (never reset by resampling)
+    force_len: jax.Array  # [P] int32 replay tokens[length:force_len] instead of sampling (0: none)
+    trace: Trace
 
 
 class HoleParams(NamedTuple):
@@ -52,6 +77,7 @@ class HoleParams(NamedTuple):
     hole: jax.Array  # [P] int32 hole index
     max_tokens: jax.Array  # [] int32 budget tokens(X) <= max_tokens, enforced by TokenTable.mask
     max_steps: jax.Array  # [] int32 hard cap on tokens generated in the hole (budget + terminator slack)
+    pause: jax.Array  # [] int32 particles with n_hole >= pause idle (not done): MCMC moves on a partial hole
 
 
 class Consts(NamedTuple):
@@ -73,8 +99,27 @@ class RunState(NamedTuple):
     n_forward: jax.Array  # [] int32 LM forward passes (batched apply calls)
 
 
-def init_particles(num: int, buffer_len: int, num_holes: int, last: int, position: int) -> Particles:
-    """Fresh particles sitting right after the shared prefix (pending token ``last`` at ``position``)."""
+def init_trace(num: int, buffer_len: int, num_segments: int) -> Trace:
+    """An empty trace (``buffer_len = num_segments = 0``: not tracing)."""
+    i32, f32 = jnp.int32, jnp.float32
+    return Trace(
+        auto=jnp.full((num, buffer_len), -1, i32),
+        counts=jnp.zeros((num, buffer_len, 3), i32),
+        log_weight=jnp.zeros((num, buffer_len), f32),
+        score=jnp.zeros((num, buffer_len), f32),
+        hole_logp=jnp.zeros((num, buffer_len), f32),
+        seg_length=jnp.zeros((num, num_segments), i32),
+        seg_log_weight=jnp.zeros((num, num_segments), f32),
+        seg_score=jnp.zeros((num, num_segments), f32),
+        seg_data=jnp.full((num, num_segments), -1, i32),
+    )
+
+
+def init_particles(
+    num: int, buffer_len: int, num_holes: int, last: int, position: int, *, num_segments: int = 0, trace: bool = False
+) -> Particles:
+    """Fresh particles sitting right after the shared prefix (pending token ``last`` at ``position``);
+    with ``trace``, room to record every token and segment start (:class:`Trace`)."""
     i32 = jnp.int32
     return Particles(
         last=jnp.full((num,), last, i32),
@@ -92,4 +137,7 @@ def init_particles(num: int, buffer_len: int, num_holes: int, last: int, positio
         spans=jnp.zeros((num, num_holes, 2), i32),
         hole_logp=jnp.zeros((num, num_holes), jnp.float32),
         origin=jnp.arange(num, dtype=i32),
+        lw_total=jnp.zeros((num,), jnp.float32),
+        force_len=jnp.zeros((num,), i32),
+        trace=init_trace(num, buffer_len if trace else 0, num_segments if trace else 0),
     )

@@ -19,7 +19,15 @@ strategy       what it does                                                     
                by a host ``score`` callable
 ``vote``       draw ``n`` samples with ``base`` (default ``importance``), weighted    yes when base is
                majority over ``key(sample)``                                          properly weighted
+``mcmc``       Metropolis-Hastings over whole program executions: ``suffix``          yes (asymptotically,
+               regenerates from a uniformly chosen token/host step, ``independent``  in the number of
+               proposes a fresh SMC draw (particle independent MH)                    steps)
+``particle_``  conditional SMC keeping a reference trajectory                         yes (asymptotically)
+``gibbs``
 =============  ====================================================================  =================
+
+``smc(rejuvenate=K)`` adds ``K`` suffix MH moves per particle after every resampling (weights unchanged).
+The MCMC drivers live in :mod:`lmprog.inference.mcmc`.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ __all__ = [
     "BestOf",
     "Greedy",
     "Importance",
+    "MCMC",
+    "ParticleGibbs",
     "SMC",
     "STRATEGIES",
     "Sample",
@@ -124,13 +134,15 @@ class Importance(Strategy):
 @dataclass(frozen=True)
 class SMC(Strategy):
     """Sequential Monte Carlo: importance + resampling when ``ESS < ess * particles`` (``ess=1``: every
-    step, ``ess=0``: never)."""
+    step, ``ess=0``: never); ``rejuvenate=K``: ``K`` suffix MH moves per particle after every resampling,
+    targeting the intermediate distribution the particles then represent (weights unchanged)."""
 
     name: ClassVar[str] = "smc"
     properly_weighted: ClassVar[bool] = True
     particles: int = 16
     ess: float = 0.5
     resample: str = "systematic"
+    rejuvenate: int = 0
 
     @property
     def num_particles(self) -> int:
@@ -142,14 +154,19 @@ class SMC(Strategy):
             raise ValueError(f"smc: ess must be in [0, 1], got {self.ess}")
         if self.resample not in RESAMPLERS:
             raise ValueError(f"smc: unknown resample={self.resample!r}; valid: {', '.join(sorted(RESAMPLERS))}")
+        if int(self.rejuvenate) < 0:
+            raise ValueError("smc: rejuvenate must be >= 0")
 
     def kernel_config(self, groups=1, chunk=32):
+        rejuvenate = int(self.rejuvenate) > 0
         return KernelConfig(
             select="sample",
             weighted=True,
             resampler=self.resample if self.ess > 0 else None,
             groups=groups,
             chunk=chunk,
+            trace=rejuvenate,
+            stop_on_resample=rejuvenate,
         )
 
 
@@ -233,12 +250,81 @@ class Vote(Strategy):
         return self.base_strategy().kernel_config(groups, chunk)
 
 
+MCMC_MOVES = ("suffix", "independent")
+
+
+@dataclass(frozen=True)
+class MCMC(Strategy):
+    """Metropolis-Hastings whose states are whole program executions, ``chains`` chains in one batch.
+
+    ``move="suffix"``: cut the chain's trajectory at a uniformly chosen *site* (a generated token, or a host
+    step), keep the prefix (and its KV cache), regenerate the rest with the SMC proposal; accept with
+    ``min(1, W(x') n(x) / (W(x) n(x')))`` where ``W`` is the regenerated part's importance weight and ``n``
+    the number of sites. ``move="independent"``: propose a fresh draw from SMC with ``particles`` particles
+    and accept with ``min(1, Z'/Z)``, the ratio of the two runs' evidence estimates (particle independent
+    MH). The first ``burn_in`` steps are dropped; every later state of every chain is a sample."""
+
+    name: ClassVar[str] = "mcmc"
+    properly_weighted: ClassVar[bool] = True
+    steps: int = 100
+    chains: int = 4
+    burn_in: int = 0
+    move: str = "suffix"
+    particles: int = 8
+
+    @property
+    def num_particles(self) -> int:
+        return int(self.chains)
+
+    def validate(self):
+        super().validate()
+        if self.move not in MCMC_MOVES:
+            raise ValueError(f"mcmc: unknown move={self.move!r}; valid: {', '.join(MCMC_MOVES)}")
+        if int(self.steps) < 1 or int(self.particles) < 1:
+            raise ValueError("mcmc: steps and particles must be >= 1")
+        if not 0 <= int(self.burn_in) < int(self.steps):
+            raise ValueError(f"mcmc: burn_in must be in [0, steps), got burn_in={self.burn_in}, steps={self.steps}")
+
+    def kernel_config(self, groups=1, chunk=32):
+        if self.move == "independent":
+            return SMC(particles=self.particles).kernel_config(groups=groups * self.chains, chunk=chunk)
+        return KernelConfig(select="sample", weighted=True, resampler=None, groups=1, chunk=chunk, trace=True)
+
+
+@dataclass(frozen=True)
+class ParticleGibbs(Strategy):
+    """Particle Gibbs: conditional SMC with ``particles`` particles, one of which replays the reference
+    trajectory (and never loses its lineage at resampling); the next reference is drawn from the final
+    weights. Each of the ``iterations`` references is a sample."""
+
+    name: ClassVar[str] = "particle_gibbs"
+    properly_weighted: ClassVar[bool] = True
+    iterations: int = 10
+    particles: int = 16
+
+    @property
+    def num_particles(self) -> int:
+        return int(self.particles)
+
+    def validate(self):
+        super().validate()
+        if int(self.iterations) < 1:
+            raise ValueError("particle_gibbs: iterations must be >= 1")
+        if int(self.particles) < 2:
+            raise ValueError("particle_gibbs: needs at least 2 particles (one is the reference)")
+
+    def kernel_config(self, groups=1, chunk=32):
+        return KernelConfig(select="sample", weighted=True, resampler="multinomial", groups=groups, chunk=chunk,
+                            trace=True, conditional=True)
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Sample, Greedy, Importance, SMC, Beam, BestOf, Vote)
+    cls.name: cls for cls in (Sample, Greedy, Importance, SMC, Beam, BestOf, Vote, MCMC, ParticleGibbs)
 }
 
 # LANGUAGE.md spells the first positional argument differently per strategy.
-_POSITIONAL = {"sample": "n", "importance": "particles", "smc": "particles", "beam": "width", "best_of": "n", "vote": "n"}
+_POSITIONAL = {"sample": "n", "importance": "particles", "smc": "particles", "beam": "width", "best_of": "n", "vote": "n",
+               "mcmc": "steps", "particle_gibbs": "iterations"}
 
 
 def make_strategy(name: str, *args, **kwargs) -> Strategy:
