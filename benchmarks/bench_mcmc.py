@@ -3,8 +3,9 @@ of one suffix move relative to one SMC token step.
 
     python benchmarks/bench_mcmc.py [--part toy|model|both] [--chains 2000] [--model smollm2-135m]
 
-``toy``: the ``length_case`` program of ``tests/_inference_cases.py`` (executions of 1 to 6 tokens, exact
-posterior by enumeration). For each strategy (suffix MH, independent MH with 2 particles per proposal,
+``toy``: two programs of ``tests/_inference_cases.py`` with exact posteriors by enumeration: ``bias_case``
+(2 executions; the locally-constrained proposal gives the rarer one 50 % instead of 2.2 %, so chains start
+far from the posterior) and ``length_case`` (364 executions of 1 to 6 tokens). For each strategy (suffix MH, independent MH with 2 particles per proposal,
 particle Gibbs with 4 particles), ``--chains`` independent chains run ``s`` steps for growing ``s``; the
 table gives the TV distance between their final states and the exact posterior, the wall time of the run
 (compilation excluded: every configuration runs once to compile, then is timed), and MH steps/s
@@ -33,20 +34,25 @@ def _tv(draws, probs) -> float:
 
 
 def toy(chains: int) -> None:
+    from _inference_cases import bias_case, length_case
+
+    for name, case in (("bias_case", bias_case), ("length_case", length_case)):
+        toy_case(name, *case(), chains)
+
+
+def toy_case(case_name, lm, prog, chains: int) -> None:
     import numpy as np
 
-    from _inference_cases import length_case
     from lmprog.inference import run
     from lmprog.inference.exact import enumerate_program
     from lmprog.inference.strategies import MCMC, ParticleGibbs
 
-    lm, prog = length_case()
     probs = enumerate_program(lm, prog).probs()
     keys = list(probs)
     rng = np.random.default_rng(0)
     floor = np.mean([_tv([keys[i] for i in rng.choice(len(keys), chains, p=[probs[k] for k in keys])], probs)
                      for _ in range(5)])
-    print(f"toy case: {len(probs)} sequences; TV of {chains} exact draws (noise floor): {floor:.3f}")
+    print(f"\n{case_name}: {len(probs)} sequences; TV of {chains} exact draws (noise floor): {floor:.3f}")
     print(f"{'strategy':<24}{'steps':>6}{'TV':>8}{'time (s)':>10}{'MH steps/s':>12}")
 
     def finals(res):
