@@ -366,18 +366,18 @@ def _combine(programs, n: int, tokenizer, failed: list):
 
             segs.append(cls(render=render, max_tokens=bound, label=first.label))
         elif isinstance(first, Hole):
-            start, prefix_check = first.start, first.prefix_check
-            if callable(first.start):
-                def start(view, col=col):
-                    parts = per_row(lambda g, sub: np.asarray(col[g].start(sub), np.int64).reshape(-1), view,
-                                    lambda m: np.full(m, -1, np.int64))
-                    return np.concatenate(parts)
-            if first.prefix_check is not None:  # a row's predicate may depend on its inputs: each row its own
-                def prefix_check(view, col=col):
-                    parts = per_row(lambda g, sub: np.asarray(col[g].prefix_check(sub), bool).reshape(-1), view,
-                                    lambda m: np.ones(m, bool))
-                    return np.concatenate(parts)
-            segs.append(replace(first, start=start, prefix_check=prefix_check))
+            def row_start(view, col=col):
+                parts = per_row(lambda g, sub: np.asarray(col[g].start(sub), np.int64).reshape(-1), view,
+                                lambda m: np.full(m, -1, np.int64))
+                return np.concatenate(parts)
+
+            def row_prefix_check(view, col=col):  # a row's predicate may depend on its inputs: each row its own
+                parts = per_row(lambda g, sub: np.asarray(col[g].prefix_check(sub), bool).reshape(-1), view,
+                                lambda m: np.ones(m, bool))
+                return np.concatenate(parts)
+
+            segs.append(replace(first, start=row_start if callable(first.start) else first.start,
+                                prefix_check=None if first.prefix_check is None else row_prefix_check))
         else:
             def host(view, col=col):
                 def one(g, sub):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
 
 import lmprog
 from lmprog.inference import Cause

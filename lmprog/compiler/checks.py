@@ -585,7 +585,7 @@ class Checker:
         return types.pop() if len(types) == 1 else "any"
 
     def e_Compare(self, e: A.Compare, env: Env) -> str:
-        left_e, left_t = e.left, self.expr(e.left, env)
+        left_t = self.expr(e.left, env)
         for op, right_e in zip(e.ops, e.comparators):
             right_t = self.expr(right_e, env)
             problem = _compare_problem(op, left_t, right_t)
@@ -593,7 +593,7 @@ class Checker:
                 self.error(e.span, problem)
             if op == "matches":
                 self.host_regex(right_e, env)
-            left_e, left_t = right_e, right_t
+            left_t = right_t
         return "bool"
 
     def e_IfExp(self, e: A.IfExp, env: Env) -> str:

@@ -186,7 +186,7 @@ class _Recorder:
                           p.cause[rows], data))
         return state
 
-    def result(self, r, setup, strategy, groups: int, chains: int, extra: dict, log_z=None, t_start=0.0) -> InferenceResult:
+    def result(self, r, setup, strategy, groups: int, chains: int, extra: dict, log_z=None) -> InferenceResult:
         """Samples ordered per group, then per chain, then per kept step (chain ``c``'s ``k``-th kept state
         is particle ``c * kept + k`` of its group); every sample has the same weight."""
         kept = len(self.rows)
@@ -223,7 +223,7 @@ class _Recorder:
         )
 
 
-def _start_chains(r, state, setup, rng, host_sites, hole_segs) -> RunState:
+def _start_chains(r, state, setup) -> RunState:
     """A first execution for every chain (the SMC proposal); chains whose execution died get fresh
     proposals (from the first segment) until they live. Every chain dying names the constraint."""
     state = walk(r, state, setup)
@@ -258,7 +258,6 @@ def _set_replay(state: RunState, sequences) -> RunState:
 
 
 def _suffix_mh(lm, program, strategy: MCMC, key, groups, chunk, progress, init=None) -> InferenceResult:
-    t_start = time.perf_counter()
     chains = int(strategy.chains)
     num = chains * groups
     cfg = strategy.kernel_config(chunk=chunk)
@@ -269,7 +268,7 @@ def _suffix_mh(lm, program, strategy: MCMC, key, groups, chunk, progress, init=N
     host_sites = _host_sites(program, setup.first)
     hole_segs = _hole_segments(program)
     if init is None:
-        state = _start_chains(r, state, setup, rng, host_sites, hole_segs)
+        state = _start_chains(r, state, setup)
     else:
         if len(init) != num:
             raise ValueError(f"init: {len(init)} sequences for {num} chains")
@@ -292,7 +291,7 @@ def _suffix_mh(lm, program, strategy: MCMC, key, groups, chunk, progress, init=N
     res = rec.result(r, setup, strategy, groups, chains, {
         "acceptance": (accepted / int(strategy.steps)).reshape(groups, chains),
         "move": "suffix",
-    }, t_start=t_start)
+    })
     res.stats.update(tokens=int(n_tokens), forward_passes=int(n_forward) + setup.n_prefill,
                      prefill_tokens=len(setup.prefix) - 1, compile_s=r.compile_s)
     return res
@@ -479,7 +478,6 @@ def _smc_rejuvenate(lm, program, strategy: SMC, key, groups, chunk, progress) ->
 
 
 def _particle_gibbs(lm, program, strategy: ParticleGibbs, key, groups, chunk, progress) -> InferenceResult:
-    t_start = time.perf_counter()
     n = int(strategy.particles)
     num = groups * n
     cfg = strategy.kernel_config(groups=groups, chunk=chunk)
@@ -540,7 +538,7 @@ def _particle_gibbs(lm, program, strategy: ParticleGibbs, key, groups, chunk, pr
     iters = int(strategy.iterations)
     res = rec.result(r, setup, strategy, groups, 1, {
         "reference_update_rate": (changed / max(1, iters - 1)).reshape(groups, 1),
-    }, t_start=t_start)
+    })
     res.stats.update(tokens=int(n_tokens), forward_passes=int(n_forward) + setup.n_prefill,
                      prefill_tokens=len(setup.prefix) - 1, compile_s=r.compile_s)
     return res
