@@ -110,3 +110,11 @@ def test_inputs_cannot_be_redefined_or_hidden():
 def test_every_error_is_reported_not_just_the_first():
     messages = errors('let a = zz1\n"[x]" where y in ["a"]\nsample s ~ nrmal(0, 1)\ninfer smc(particles=-1)\n')
     assert len(messages) == 4
+
+
+def test_strategy_argument_relations_are_checked_before_the_run():
+    assert "burn_in must be less than steps (5)" in errors('infer mcmc(steps=5, burn_in=5)\n"[x]"\n')[0]
+    assert "burn_in must be less than steps (100)" in errors('infer mcmc(burn_in=100)\n"[x]"\n')[0]
+    assert "at least 2 particles" in errors('infer particle_gibbs(3, 1)\n"[x]"\n')[0]
+    ok('infer mcmc(steps=5, burn_in=4, move="independent", particles=2)\n"[x]"\n')
+    ok('infer smc(particles=8, rejuvenate=2)\n"[x]"\n')

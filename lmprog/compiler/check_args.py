@@ -152,7 +152,19 @@ def check_infer(ck: "Checker", stmt: A.InferStmt, env: "Env") -> Optional[Strate
             ck.error(expr.span, problem)
             continue
         values[name] = float(value) if param.type == "float" else value
+    _check_strategy_relations(ck, stmt.strategy, bound, values)
     return StrategySpec(stmt.strategy, values, stmt.span)
+
+
+def _check_strategy_relations(ck: "Checker", strategy: str, bound: dict[str, A.Expr], values: dict[str, Any]) -> None:
+    """Relations between strategy arguments (each one alone was checked against its own range)."""
+    if strategy == "mcmc" and "burn_in" in values:
+        steps = values.get("steps", 100)
+        if values["burn_in"] >= steps:
+            ck.error(bound["burn_in"].span, f"burn_in must be less than steps ({steps}): every state would be dropped",
+                     f"keep at most {steps - 1} burn-in steps, or raise steps")
+    if strategy == "particle_gibbs" and values.get("particles") == 1:
+        ck.error(bound["particles"].span, "particle_gibbs needs at least 2 particles: one of them is the reference")
 
 
 # ---------------------------------------------------------------------------------------------- distributions
