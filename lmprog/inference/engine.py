@@ -99,7 +99,10 @@ class _Run:
 
     def sync_data(self, state: RunState) -> RunState:
         """Align ``data`` with the particles (follow resampling since the last sync)."""
-        origin = np.asarray(jax.device_get(state.particles.origin))
+        return self._align_data(state, np.asarray(jax.device_get(state.particles.origin)))
+
+    def _align_data(self, state: RunState, origin) -> RunState:
+        """``data[i]`` becomes a copy of the data of particle ``origin[i]``; origins restart from here."""
         if self.data is None:
             self.data = [{} for _ in range(self.num)]
         self.data = [dict(self.data[int(o)]) for o in origin]
@@ -117,10 +120,7 @@ class _Run:
         pp = state.particles
         tokens, lengths, spans, causes, origin, hole_logp = jax.device_get(
             (pp.tokens, pp.length, pp.spans, pp.cause, pp.origin, pp.hole_logp))
-        if self.data is None:
-            self.data = [{} for _ in range(self.num)]
-        self.data = [dict(self.data[int(o)]) for o in origin]
-        state = state._replace(particles=state.particles._replace(origin=jnp.arange(self.num, dtype=jnp.int32)))
+        state = self._align_data(state, origin)
         holes = self.program.holes
         view = HostView(
             tokens=[[int(t) for t in tokens[i, : lengths[i]]] for i in range(self.num)],
@@ -192,6 +192,29 @@ def _feed(run: _Run, state: RunState, rows: list[list[int]], observe: bool, pos_
     return state, pos_bound
 
 
+def _prefill(run: _Run, cache, feed: list[int], targets: list[int], observed: list[bool], position: int,
+             cache_len: int):
+    """Feed ``feed`` into a one-row ``cache`` from ``position`` on, in chunks of ``PREFILL_CHUNK``. Returns the
+    summed log-probability of ``targets`` where ``observed`` (``targets[t]`` follows ``feed[t]``), the cache and
+    the number of calls."""
+    lp = jnp.float32(0.0)
+    calls = 0
+    for c0 in range(0, len(feed), PREFILL_CHUNK):
+        width = min(PREFILL_CHUNK, len(feed) - c0)
+        tpad = min(_pow2(width, 16), cache_len - position - c0)
+        a = np.zeros((1, tpad), np.int32)
+        b = np.zeros((1, tpad), np.int32)
+        m = np.zeros((1, tpad), bool)
+        a[0, :width] = feed[c0 : c0 + width]
+        b[0, :width] = targets[c0 : c0 + width]
+        m[0, :width] = observed[c0 : c0 + width]
+        part, cache = run.call(run.kern.prefill, run.lm.params, run.consts, cache, jnp.asarray(a),
+                               jnp.int32(position + c0), jnp.asarray(b), jnp.asarray(m))
+        lp = lp + part
+        calls += 1
+    return lp, cache, calls
+
+
 def _group_prefix(run: _Run, state: RunState, setup: _Setup) -> tuple[RunState, _Setup]:
     """Prefill prompt text that is the same for every particle of a group once per distinct text.
 
@@ -204,12 +227,10 @@ def _group_prefix(run: _Run, state: RunState, setup: _Setup) -> tuple[RunState, 
     first segment whose rows differ within a group and at ``Observe`` (scored: fed as usual). Returns the
     state and the setup with ``first`` moved past the segments it consumed.
     """
-    from dataclasses import replace
-
     segs = run.program.segments
     prefix, t0, num, n = setup.prefix, len(setup.prefix), run.num, run.n
     j = setup.first
-    if getattr(run.kern.cfg, "trace", False):  # MCMC moves resume at segment starts: keep every segment
+    if run.kern.cfg.trace:  # MCMC moves resume at segment starts: keep every segment
         return state, setup
     ext: list[list[int]] = [[] for _ in range(run.groups)]
     while j < len(segs) and type(segs[j]) is Text:
@@ -238,19 +259,9 @@ def _group_prefix(run: _Run, state: RunState, setup: _Setup) -> tuple[RunState, 
         if e in unique:
             continue
         unique[e] = len(caches)
-        cache = cache1
-        feed = [prefix[-1]] + list(e[:-1])
-        for c0 in range(0, len(e), PREFILL_CHUNK):
-            width = min(PREFILL_CHUNK, len(e) - c0)
-            pos = t0 - 1 + c0
-            tpad = min(_pow2(width, 16), setup.cache_len - pos)
-            a = np.zeros((1, tpad), np.int32)
-            b = np.zeros((1, tpad), np.int32)
-            a[0, :width] = feed[c0 : c0 + width]
-            b[0, :width] = e[c0 : c0 + width]
-            _, cache = run.call(run.kern.prefill, run.lm.params, run.consts, cache, jnp.asarray(a), jnp.int32(pos),
-                                jnp.asarray(b), jnp.zeros((1, tpad), bool))
-            calls += 1
+        _, cache, k = _prefill(run, cache1, [prefix[-1]] + list(e[:-1]), list(e), [False] * len(e), t0 - 1,
+                               setup.cache_len)
+        calls += k
         caches.append(cache)
     if len(caches) == 1:
         cache = run.lm.broadcast(caches[0], num)
@@ -376,23 +387,8 @@ def _setup(lm, program: SegmentProgram, base: Strategy, cfg, groups: int, key, p
     cache_len = min(max_ctx, _round_up(need + 1, 16))
     holes = program.holes
 
-    params = lm.params
-    cache1 = lm.init_cache(1, cache_len)
-    prefix_lp = jnp.float32(0.0)
-    n_prefill = 0
-    feed_toks, targets, obs = prefix[:-1], prefix[1:], observed[1:]
-    for c0 in range(0, len(feed_toks), PREFILL_CHUNK):
-        width = min(PREFILL_CHUNK, len(feed_toks) - c0)
-        tpad = min(_pow2(width, 16), cache_len - c0)
-        a = np.zeros((1, tpad), np.int32)
-        b = np.zeros((1, tpad), np.int32)
-        m = np.zeros((1, tpad), bool)
-        a[0, :width] = feed_toks[c0 : c0 + width]
-        b[0, :width] = targets[c0 : c0 + width]
-        m[0, :width] = obs[c0 : c0 + width]
-        lp, cache1 = r.call(kern.prefill, params, consts, cache1, jnp.asarray(a), jnp.int32(c0), jnp.asarray(b), jnp.asarray(m))
-        prefix_lp = prefix_lp + lp
-        n_prefill += 1
+    prefix_lp, cache1, n_prefill = _prefill(r, lm.init_cache(1, cache_len), prefix[:-1], prefix[1:], observed[1:], 0,
+                                            cache_len)
     prefix_lp = float(prefix_lp)
     if not prefix_lp > -math.inf:
         raise InferenceError(
@@ -501,7 +497,7 @@ def walk(r: _Run, state: RunState, setup: _Setup, plan: Plan | None = None, *, c
                         raise ValueError(f"hole {seg.name!r}: prefix_check returned {ok.shape[0]} values for {num} particles")
                     if not ok.all():
                         state = r.call(kern.add_log_weight, state, jnp.asarray(np.where(ok, 0.0, -np.inf), jnp.float32))
-                        active = int(jax.device_get(jnp.sum(~state.particles.done & (state.particles.n_hole < hp.pause))))
+                        active = int(jnp.sum(Kernels.running(state.particles, hp)))
                 steps, active = int(steps), int(active)
                 steps_done += steps
                 r.ess.append((ess_buf, res_buf, steps))

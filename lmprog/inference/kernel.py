@@ -295,12 +295,17 @@ class Kernels:
             hole_logp=p.hole_logp.at[rows, hole_idx].add(lp_tok, mode="drop"),
         )
 
+    @staticmethod
+    def running(p: Particles, hp: HoleParams):
+        """``[P]`` particles still generating the hole: not done and not paused (``HoleParams.pause``)."""
+        return ~p.done & (p.n_hole < hp.pause)
+
     def _sample_step(self, params, consts: Consts, hp: HoleParams, state: RunState, key):
         """One decode step for every particle: sample (or argmax) from the masked, renormalized proposal."""
         p = state.particles
         z, cache = self._logits(params, consts, state)
         ok = self._mask(consts, hp, p)
-        active = ~p.done & (p.n_hole < hp.pause)
+        active = self.running(p, hp)
         lse_all = jax.nn.logsumexp(z, axis=-1)
         masked = jnp.where(ok, z, NEG_INF)
         if self.cfg.select == "argmax":
@@ -497,7 +502,7 @@ class Kernels:
         do = (lse > NEG_INF) & ((thr >= 1.0) | (ess < thr * n))
         # No point resampling a group where every particle has finished the hole. Weight changes between
         # holes (observed text, host factors) are taken into account at the next check, after the next token.
-        do = do & jnp.any((~p.done & (p.n_hole < hp.pause)).reshape(g, n), axis=1)
+        do = do & jnp.any(self.running(p, hp).reshape(g, n), axis=1)
         resampler = resampling.get_resampler(cfg.resampler)
 
         def go(state: RunState) -> RunState:
@@ -536,12 +541,9 @@ class Kernels:
         g = cfg.groups
         step = self._beam_step if cfg.select == "beam" else self._sample_step
 
-        def running(p: Particles):
-            return ~p.done & (p.n_hole < hp.pause)
-
         def cond(c):
             i, st, _, res_buf = c
-            go = (i < cfg.chunk) & jnp.any(running(st.particles))
+            go = (i < cfg.chunk) & jnp.any(self.running(st.particles, hp))
             if cfg.stop_on_resample:
                 go = go & ~((i > 0) & jnp.any(res_buf[jnp.maximum(i - 1, 0)]))
             return go
@@ -560,7 +562,7 @@ class Kernels:
             jnp.zeros((cfg.chunk, g), bool),
         )
         steps, state, ess_buf, res_buf = lax.while_loop(cond, body, init)
-        return state, ess_buf, res_buf, steps, jnp.sum(running(state.particles))
+        return state, ess_buf, res_buf, steps, jnp.sum(self.running(state.particles, hp))
 
 
 _KERNELS: dict = {}

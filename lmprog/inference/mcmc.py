@@ -95,30 +95,25 @@ def _hole_segments(program) -> np.ndarray:
     return np.array([j for j, s in enumerate(program.segments) if isinstance(s, Hole)], np.int64)
 
 
-def _count_sites(spans: np.ndarray, n_host: int) -> np.ndarray:
-    """``n(x)`` per particle: tokens inside hole spans plus host steps. ``spans [P, H, 2]``."""
-    return np.sum(np.maximum(spans[..., 1] - spans[..., 0], 0), axis=-1) + n_host
+def _count_sites(spans: np.ndarray, hosts: np.ndarray) -> np.ndarray:
+    """``n(x)`` per particle: tokens inside hole spans (``spans [P, H, 2]``) plus the host sites ``hosts``."""
+    return np.sum(np.maximum(spans[..., 1] - spans[..., 0], 0), axis=-1) + len(hosts)
 
 
-def _choose_cuts(rng: np.random.Generator, spans: np.ndarray, host_sites: np.ndarray, hole_segs: np.ndarray,
-                 num_segments: int, movable: np.ndarray, limit: np.ndarray | None = None) -> Plan:
-    """A uniformly chosen site per particle (``movable`` ones; the others stay frozen) as a :class:`Plan`.
-    ``limit[i]``: only host sites before segment ``limit[i]`` count (rejuvenation inside a hole)."""
+def _choose_cuts(rng: np.random.Generator, spans: np.ndarray, hosts: np.ndarray, n_sites: np.ndarray,
+                 hole_segs: np.ndarray, num_segments: int, movable: np.ndarray) -> Plan:
+    """A site per particle (``movable`` ones; the others stay frozen), uniform among its ``n_sites[i]``:
+    the host sites ``hosts``, then the tokens of its holes; as a :class:`Plan`."""
     num = spans.shape[0]
     seg = np.full((num,), num_segments + 1, np.int64)
     tok = np.full((num,), -1, np.int64)
-    for i in np.flatnonzero(movable):
-        hosts = host_sites if limit is None else host_sites[host_sites < limit[i]]
-        lengths = np.maximum(spans[i, :, 1] - spans[i, :, 0], 0)
-        n = int(lengths.sum()) + len(hosts)
-        if n == 0:
-            continue
-        u = int(rng.integers(n))
+    for i in np.flatnonzero(movable & (n_sites > 0)):
+        u = int(rng.integers(n_sites[i]))
         if u < len(hosts):
             seg[i] = hosts[u]
             continue
         u -= len(hosts)
-        for h, ln in enumerate(lengths):
+        for h, ln in enumerate(np.maximum(spans[i, :, 1] - spans[i, :, 0], 0)):
             if u < ln:
                 seg[i], tok[i] = hole_segs[h], spans[i, h, 0] + u
                 break
@@ -126,20 +121,20 @@ def _choose_cuts(rng: np.random.Generator, spans: np.ndarray, host_sites: np.nda
     return Plan(seg=seg, tok=tok)
 
 
-def _suffix_moves(r, state: RunState, setup, rng, movable, host_sites, hole_segs, stop=None, limit=None,
-                  kern=None):
+def _suffix_moves(r, state: RunState, setup, rng, movable, host_sites, hole_segs, stop=None, kern=None):
     """One suffix MH move for every particle in ``movable``. Returns ``(state, accepted [P] bool)``.
-    ``kern``: the kernels that regenerate (default ``r.kern``; they must not resample)."""
+    ``stop = (j, k)``: the target is the program up to step ``k`` of hole segment ``j`` (rejuvenation), whose
+    host sites are those before ``j``. ``kern``: the kernels that regenerate (default ``r.kern``; they must
+    not resample)."""
     main_kern, progress = r.kern, r.progress
     kern = kern or r.kern
     segs = r.program.segments
-    spans, lw = jax.device_get((state.particles.spans, state.particles.lw_total))
-    plan = _choose_cuts(rng, np.asarray(spans), host_sites, hole_segs, len(segs), movable, limit)
-    if stop is not None:
-        plan.stop = stop
+    spans, lw = (np.asarray(a) for a in jax.device_get((state.particles.spans, state.particles.lw_total)))
+    hosts = host_sites if stop is None else host_sites[host_sites < stop[0]]
+    n_x = _count_sites(spans, hosts)
+    plan = _choose_cuts(rng, spans, hosts, n_x, hole_segs, len(segs), movable)
+    plan.stop = stop
     moving = plan.seg <= len(segs)
-    n_hosts = np.array([len(host_sites) if limit is None else int(np.sum(host_sites < limit[i])) for i in range(r.num)])
-    n_x = _count_sites(np.asarray(spans), 0) + n_hosts
     state = r.sync_data(state)
     kept_data = [dict(d) for d in r.data]
     current = r.call(kern.copy, state)
@@ -152,9 +147,9 @@ def _suffix_moves(r, state: RunState, setup, rng, movable, host_sites, hole_segs
     r.ess[:] = ess_history
     p_spans, p_lw, p_cause = (np.asarray(a) for a in jax.device_get(
         (proposal.particles.spans, proposal.particles.lw_total, proposal.particles.cause)))
-    n_y = _count_sites(p_spans, 0) + n_hosts
+    n_y = _count_sites(p_spans, hosts)
     with np.errstate(invalid="ignore", divide="ignore"):
-        log_alpha = (p_lw.astype(np.float64) - np.asarray(lw, np.float64)) + np.log(n_x) - np.log(np.maximum(n_y, 1))
+        log_alpha = (p_lw.astype(np.float64) - lw.astype(np.float64)) + np.log(n_x) - np.log(np.maximum(n_y, 1))
     log_alpha = np.where((p_cause == 0) & np.isfinite(p_lw), log_alpha, -np.inf)
     u = rng.random(r.num)
     accept = moving & (np.log(np.maximum(u, 1e-300)) < log_alpha)
@@ -178,15 +173,24 @@ class _Recorder:
 
     def add(self, r, state: RunState, rows=None):
         """Record every particle, or those in ``rows`` (indices)."""
-        p = jax.device_get(state.particles)
+        p = state.particles
+        fields = jax.device_get((p.tokens, p.length, p.spans, p.score, p.hole_logp, p.cause))
         state = r.sync_data(state)
         rows = np.arange(r.num) if rows is None else np.asarray(rows)
-        data = [dict(r.data[i]) for i in rows]
-        self.rows.append((p.tokens[rows], p.length[rows], p.spans[rows], p.score[rows], p.hole_logp[rows],
-                          p.cause[rows], data))
+        self.rows.append(tuple(np.asarray(a)[rows] for a in fields) + ([dict(r.data[i]) for i in rows],))
         return state
 
-    def result(self, r, setup, strategy, groups: int, chains: int, extra: dict, log_z=None) -> InferenceResult:
+    def engine_result(self, r, setup, state: RunState, strategy, groups: int, chains: int, extra: dict):
+        """:meth:`result` for chains run by this module's walks (``r``, ``setup``: the engine's run)."""
+        n_tokens, n_forward = jax.device_get((state.n_tokens, state.n_forward))
+        return self.result(strategy, groups, chains, extra, holes=r.program.holes, tokenizer=r.lm.tokenizer,
+                           prefix_text=r.prefix_text, prefix_tokens=setup.prefix, stats={
+                               "tokens": int(n_tokens), "forward_passes": int(n_forward) + setup.n_prefill,
+                               "prefill_tokens": len(setup.prefix) - 1, "compile_s": r.compile_s,
+                               "prefix_logprob": setup.prefix_lp})
+
+    def result(self, strategy, groups: int, chains: int, extra: dict, *, holes, tokenizer, prefix_text,
+               prefix_tokens, stats: dict, log_z=None) -> InferenceResult:
         """Samples ordered per group, then per chain, then per kept step (chain ``c``'s ``k``-th kept state
         is particle ``c * kept + k`` of its group); every sample has the same weight."""
         kept = len(self.rows)
@@ -202,10 +206,10 @@ class _Recorder:
             strategy=strategy.name,
             properly_weighted=strategy.properly_weighted,
             options=strategy.options(),
-            holes=r.program.holes,
-            tokenizer=r.lm.tokenizer,
-            prefix_text=r.prefix_text,
-            prefix_tokens=list(setup.prefix),
+            holes=holes,
+            tokenizer=tokenizer,
+            prefix_text=prefix_text,
+            prefix_tokens=list(prefix_tokens),
             tokens=shape(tokens),
             lengths=shape(lengths),
             spans=shape(spans),
@@ -216,8 +220,7 @@ class _Recorder:
             log_z=log_z,
             ess=np.zeros((0, groups)),
             resampled=np.zeros((0, groups), bool),
-            stats={"particles": per * kept, "groups": groups, "prefix_logprob": setup.prefix_lp,
-                   "compile_s": r.compile_s},
+            stats={**stats, "particles": per * kept, "groups": groups},
             data=data,
             extra={"chains": chains, "kept": kept, **extra},
         )
@@ -235,12 +238,12 @@ def _start_chains(r, state, setup) -> RunState:
         plan = Plan(seg=np.where(dead, setup.first, len(r.program.segments) + 1), tok=np.full(r.num, -1))
         state = walk(r, state, setup, plan, check=False)
     cause = np.asarray(jax.device_get(state.particles.cause))
+    deaths = {Cause(int(c)).name.lower(): int(k) for c, k in zip(*np.unique(cause[cause != 0], return_counts=True))}
     raise InferenceError(
         f"mcmc: {int(np.sum(cause != 0))} of {r.num} chains found no execution the constraints allow in "
-        f"{MAX_INIT_TRIES + 1} tries (deaths: "
-        + ", ".join(f"{Cause(int(c)).name.lower()} x {int(k)}" for c, k in zip(*np.unique(cause[cause != 0], return_counts=True)))
+        f"{MAX_INIT_TRIES + 1} tries (deaths: " + ", ".join(f"{c} x {k}" for c, k in deaths.items())
         + "); use smc to see which constraint kills them",
-        causes={Cause(int(c)).name.lower(): int(k) for c, k in zip(*np.unique(cause[cause != 0], return_counts=True))},
+        causes=deaths,
     )
 
 
@@ -287,14 +290,10 @@ def _suffix_mh(lm, program, strategy: MCMC, key, groups, chunk, progress, init=N
             state = rec.add(r, state)
         if progress is not None:
             progress(engine.Progress("mcmc", step + 1, int(strategy.steps), num))
-    n_tokens, n_forward = jax.device_get((state.n_tokens, state.n_forward))
-    res = rec.result(r, setup, strategy, groups, chains, {
+    return rec.engine_result(r, setup, state, strategy, groups, chains, {
         "acceptance": (accepted / int(strategy.steps)).reshape(groups, chains),
         "move": "suffix",
     })
-    res.stats.update(tokens=int(n_tokens), forward_passes=int(n_forward) + setup.n_prefill,
-                     prefill_tokens=len(setup.prefix) - 1, compile_s=r.compile_s)
-    return res
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -312,7 +311,7 @@ def _independent_mh(lm, program, strategy: MCMC, key, groups, chunk, progress) -
     cur_logz = np.full((num,), -np.inf)
     all_logz = []
     accepted = np.zeros((num,), np.int64)
-    kept: list = []
+    rec = _Recorder()
     stats = {"tokens": 0, "forward_passes": 0, "compile_s": 0.0}
     first = None
     for step in range(int(strategy.steps) + 1):
@@ -347,41 +346,20 @@ def _independent_mh(lm, program, strategy: MCMC, key, groups, chunk, progress) -
             )
             cur_logz = np.where(accept, logz, cur_logz)
             if step - 1 >= int(strategy.burn_in):
-                kept.append(cur)
+                rec.rows.append(cur)
         if progress is not None:
             progress(engine.Progress("mcmc", step, int(strategy.steps), num))
-    steps_kept = len(kept)
-    stack = lambda i: np.stack([row[i] for row in kept], axis=1)  # noqa: E731  [num, kept, ...]
-    shape = lambda a: a.reshape((groups, chains * steps_kept) + a.shape[2:])  # noqa: E731
-    causes = shape(stack(5))
     # Every proposal's Z' is unbiased for Z: their mean (over steps and a group's chains) is too.
     lz = np.stack(all_logz, axis=0).reshape(len(all_logz), groups, chains)
     log_z = _logsumexp(np.moveaxis(lz, 0, 1).reshape(groups, -1)) - math.log(lz.shape[0] * chains)
-    return InferenceResult(
-        strategy=strategy.name,
-        properly_weighted=True,
-        options=strategy.options(),
-        holes=program.holes,
-        tokenizer=lm.tokenizer,
-        prefix_text=first.prefix_text,
-        prefix_tokens=first.prefix_tokens,
-        tokens=shape(stack(0)),
-        lengths=shape(stack(1)),
-        spans=shape(stack(2)),
-        log_weights=np.where(causes == 0, 0.0, -np.inf),
-        scores=shape(stack(3)),
-        causes=causes,
-        hole_logprobs=shape(stack(4)),
-        log_z=log_z,
-        ess=np.zeros((0, groups)),
-        resampled=np.zeros((0, groups), bool),
-        stats={**stats, "particles": chains * steps_kept, "groups": groups,
-               "prefix_logprob": first.stats.get("prefix_logprob", 0.0),
-               "prefill_tokens": first.stats.get("prefill_tokens", 0)},
-        data=[[kept[s][6][g * chains + c] for c in range(chains) for s in range(steps_kept)] for g in range(groups)],
-        extra={"chains": chains, "kept": steps_kept, "acceptance": (accepted / int(strategy.steps)).reshape(groups, chains),
-               "move": "independent", "proposal_log_z": np.moveaxis(lz, 0, 1)},
-    )
+    return rec.result(strategy, groups, chains, {
+        "acceptance": (accepted / int(strategy.steps)).reshape(groups, chains),
+        "move": "independent",
+        "proposal_log_z": np.moveaxis(lz, 0, 1),
+    }, holes=program.holes, tokenizer=lm.tokenizer, prefix_text=first.prefix_text,
+        prefix_tokens=first.prefix_tokens, log_z=log_z, stats={
+            **stats, "prefix_logprob": first.stats.get("prefix_logprob", 0.0),
+            "prefill_tokens": first.stats.get("prefill_tokens", 0)})
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -449,13 +427,12 @@ def _smc_rejuvenate(lm, program, strategy: SMC, key, groups, chunk, progress) ->
 
     def rejuvenate(state: RunState, j: int, steps: int) -> RunState:
         tally["rounds"] += 1
-        limit = np.full((r.num,), j)
         for _ in range(int(strategy.rejuvenate)):
-            p = jax.device_get(state.particles)
-            alive = np.asarray(p.cause) == 0
-            log_weight = jnp.asarray(p.log_weight)
+            cause, log_weight = jax.device_get((state.particles.cause, state.particles.log_weight))
+            alive = np.asarray(cause) == 0
+            log_weight = jnp.asarray(log_weight)
             state, acc = _suffix_moves(r, state, setup, rng, alive, host_sites, hole_segs, stop=(j, steps),
-                                       limit=limit, kern=move_kern)
+                                       kern=move_kern)
             # The move leaves the intermediate target invariant: the SMC weights stay as they were.
             state = state._replace(particles=state.particles._replace(log_weight=log_weight))
             tally["proposed"] += int(alive.sum())
@@ -534,11 +511,7 @@ def _particle_gibbs(lm, program, strategy: ParticleGibbs, key, groups, chunk, pr
         bad = replay & ((np.asarray(p.cause) != 0) | (np.asarray(p.length) != np.asarray(ref.length)))
         if bad.any():  # pragma: no cover - the reference is an execution of the program by construction
             raise RuntimeError("particle_gibbs: the reference trajectory could not be replayed")
-    n_tokens, n_forward = jax.device_get((state.n_tokens, state.n_forward))
     iters = int(strategy.iterations)
-    res = rec.result(r, setup, strategy, groups, 1, {
+    return rec.engine_result(r, setup, state, strategy, groups, 1, {
         "reference_update_rate": (changed / max(1, iters - 1)).reshape(groups, 1),
     })
-    res.stats.update(tokens=int(n_tokens), forward_passes=int(n_forward) + setup.n_prefill,
-                     prefill_tokens=len(setup.prefix) - 1, compile_s=r.compile_s)
-    return res
