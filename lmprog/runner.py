@@ -280,7 +280,7 @@ def _same_structure(a, b) -> bool:
         if type(x) is not type(y):
             return False
         if isinstance(x, Hole):
-            if (x.name, x.max_tokens, x.strip, x.value) != (y.name, y.max_tokens, y.strip, y.value):
+            if (x.name, x.max_tokens, x.value) != (y.name, y.max_tokens, y.value):
                 return False
             if callable(x.start) != callable(y.start) or (not callable(x.start) and x.start != y.start):
                 return False

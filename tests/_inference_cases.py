@@ -8,6 +8,7 @@ import math
 import numpy as np
 from scipy import stats
 
+from lmprog.automata.values import ValueRule
 from lmprog.backends.toy import DEFAULT_TOY_VOCAB, ToyLM
 from lmprog.compiler.automaton import Automaton, stack_automata
 from lmprog.compiler.automaton import stack_holes
@@ -69,7 +70,7 @@ def rich_case(seed: int = 3):
     prog = SegmentProgram(
         [
             Text((BOS, SP)),
-            Hole("x", start=offs[0], max_tokens=5, strip=1, label="case:2:1: x"),
+            Hole("x", start=offs[0], max_tokens=5, value=ValueRule(stop=b"\n"), label="case:2:1: x"),
             Observe((SP, A), label="case:3:1: observe"),
             Hole("y", start=offs[1], max_tokens=3, label="case:4:1: y"),
         ],
@@ -102,7 +103,7 @@ def bias_case():
 
     lm = ToyLM.from_fn(fn, context=1, positions=8, name="toy-bias")
     table, offs = stack_automata([one_letter_then_newline()])
-    prog = SegmentProgram([Text((BOS,)), Hole("x", start=offs[0], max_tokens=3, strip=1, label="bias:1:1: x")], table)
+    prog = SegmentProgram([Text((BOS,)), Hole("x", start=offs[0], max_tokens=3, value=ValueRule(stop=b"\n"), label="bias:1:1: x")], table)
     return lm, prog
 
 
@@ -130,7 +131,7 @@ def host_case(seed: int = 5):
     prog = SegmentProgram(
         [
             Text((BOS,)),
-            Hole("x", start=offs[0], max_tokens=5, strip=hx.strip_bytes, label="host:1: x"),
+            Hole("x", start=offs[0], max_tokens=5, value=hx.value_rule, label="host:1: x"),
             Host(factor, label="host:2: factor"),
             Text(render=echo, max_tokens=2, label="host:3: echo"),
             Hole("y", start=offs[1], max_tokens=2, label="host:4: y"),
@@ -148,7 +149,7 @@ def host_case(seed: int = 5):
 def sir_draws(result, seed: int = 0) -> list[tuple]:
     """One draw per group from that group's weighted particles (i.i.d. across groups)."""
     rng = np.random.default_rng(seed)
-    w = result.weights
+    w = np.asarray(result.weights, dtype=np.float64)  # float64: choice() checks sum(p) == 1 to ~1e-8
     out = []
     for g in range(result.groups):
         i = rng.choice(w.shape[1], p=w[g] / w[g].sum())

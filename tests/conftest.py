@@ -21,3 +21,19 @@ def default_tokenizer():
     from lmprog.backends import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    """The ``groups`` of every call to the inference engine's ``run`` (batch mode: one call, a group per row)."""
+    from lmprog import inference
+
+    seen = []
+    real = inference.run
+
+    def counting(*args, **kwargs):
+        seen.append(kwargs.get("groups", 1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "run", counting)
+    return seen

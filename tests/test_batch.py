@@ -8,7 +8,6 @@ import math
 import pytest
 
 import lmprog
-import lmprog.inference as inference
 from lmprog.dsl.errors import LmpError
 from lmprog.inference import InferenceError
 from lmprog.runner import run_batch
@@ -25,20 +24,6 @@ def lm():
     return toy_lm()
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts calls to the inference engine's ``run``."""
-    seen = []
-    real = inference.run
-
-    def counting(*args, **kwargs):
-        seen.append(kwargs.get("groups", 1))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "run", counting)
-    return seen
-
-
 def exact(lm, who):
     prompt = [lm.tokenizer.bos_id] + ids(lm, f"{who}:")
     p = {s: math.exp(seq_prob(lm, prompt, ids(lm, " " + s + "\nZ"))) for s in ("a", "b", "ab")}
@@ -46,11 +31,11 @@ def exact(lm, who):
     return {s: v / z for s, v in p.items()}, math.log(z)
 
 
-def test_same_structure_runs_as_one_engine_call_with_each_rows_exact_posterior(lm, calls):
+def test_same_structure_runs_as_one_engine_call_with_each_rows_exact_posterior(lm, engine_calls):
     prog = lmprog.compile(PROGRAM, "t.lmp")
     rows = [{"who": "Q"}, {"who": "A"}, {"who": "Hello there"}]
     results = prog.run_batch(rows, lm=lm, seed=1)
-    assert calls == [3]  # one engine call, one group per row
+    assert engine_calls == [3]  # one engine call, one group per row
     for row, r in zip(rows, results):
         post, log_z = exact(lm, row["who"])
         got = {v["x"]: p for v, p in r.posterior}
@@ -62,12 +47,12 @@ def test_same_structure_runs_as_one_engine_call_with_each_rows_exact_posterior(l
         assert {s.text for s in r.samples} == {f"{prompt} {x}\nZ" for x in post}
 
 
-def test_greedy_batch_equals_separate_runs_exactly(lm, calls):
+def test_greedy_batch_equals_separate_runs_exactly(lm, engine_calls):
     src = 'input who: str = "Q"\n"{who}: [x]\\n" where x matches r"[a-z]{1,3}"\n"{who} again: [y]\\n" where y in ["a", "b"]\n'
     prog = lmprog.compile(src, "t.lmp")
     rows = [{"who": "Q"}, {"who": "Ab"}, {"who": "Q Q"}]
     batched = prog.run_batch(rows, lm=lm, strategy="greedy")
-    assert calls == [3]
+    assert engine_calls == [3]
     for row, b in zip(rows, batched):
         alone = prog.run(row, lm=lm, strategy="greedy")
         assert [s.values for s in b.samples] == [s.values for s in alone.samples]
@@ -76,11 +61,11 @@ def test_greedy_batch_equals_separate_runs_exactly(lm, calls):
         assert b.raw.scores[0] == pytest.approx(alone.raw.scores[0], abs=1e-4)
 
 
-def test_bad_rows_get_their_errors_in_order_and_never_stop_the_others(lm, calls):
+def test_bad_rows_get_their_errors_in_order_and_never_stop_the_others(lm, engine_calls):
     prog = lmprog.compile(PROGRAM, "t.lmp")
     rows = [{"who": "Q"}, {"who": 3}, "not a dict", {"who": "A"}, {"nope": 1}]
     out = prog.run_batch(rows, lm=lm, particles=64, errors="return")
-    assert calls == [2]
+    assert engine_calls == [2]
     assert isinstance(out[1], LmpError) and "bad value for input 'who'" in str(out[1])
     assert isinstance(out[2], TypeError)
     assert isinstance(out[4], LmpError) and "unknown input 'nope'" in str(out[4])
@@ -89,29 +74,29 @@ def test_bad_rows_get_their_errors_in_order_and_never_stop_the_others(lm, calls)
         prog.run_batch(rows, lm=lm, particles=64)
 
 
-def test_a_row_whose_particles_all_die_gets_the_error_of_its_own_run(lm, calls):
+def test_a_row_whose_particles_all_die_gets_the_error_of_its_own_run(lm, engine_calls):
     src = PROGRAM + 'condition who != "none"\n'
     prog = lmprog.compile(src, "t.lmp")
     out = prog.run_batch([{"who": "Q"}, {"who": "none"}, {"who": "A"}], lm=lm, particles=32, errors="return")
-    assert calls[0] == 3
+    assert engine_calls[0] == 3
     assert isinstance(out[1], InferenceError) and "every particle died" in str(out[1])
     assert out[0].samples and out[2].samples and out[2].inputs == {"who": "A"}
 
 
-def test_rows_that_differ_in_structure_run_separately(lm, calls):
+def test_rows_that_differ_in_structure_run_separately(lm, engine_calls):
     src = 'infer smc(particles=16)\ninput opts: list = ["a"]\n"Q: [x]\\n" where x in opts\n'
     prog = lmprog.compile(src, "t.lmp")
     rows = [{"opts": ["a", "b"]}, {"opts": ["c"]}, {"opts": ["a", "ab"]}, {"opts": ["c"]}]
     out = prog.run_batch(rows, lm=lm)
-    assert sorted(calls) == [1, 1, 2]  # the two ["c"] rows share one call; the others differ in automaton
+    assert sorted(engine_calls) == [1, 1, 2]  # the two ["c"] rows share one call; the others differ in automaton
     assert {v["x"] for v, _ in out[1].posterior} == {"c"} == {v["x"] for v, _ in out[3].posterior}
     assert {v["x"] for v, _ in out[0].posterior} <= {"a", "b"}
 
 
-def test_single_group_strategies_run_row_by_row(lm, calls):
+def test_single_group_strategies_run_row_by_row(lm, engine_calls):
     prog = lmprog.compile(PROGRAM, "t.lmp")
     out = prog.run_batch([{"who": "Q"}, {"who": "A"}], lm=lm, strategy="best_of", particles=8)
-    assert calls == [1, 1]
+    assert engine_calls == [1, 1]
     assert [r.strategy for r in out] == ["best_of", "best_of"]
 
 
@@ -131,13 +116,13 @@ def fed(monkeypatch):
     return seen
 
 
-def test_each_rows_own_prompt_text_is_prefilled_once_not_fed_to_every_particle(lm, calls, fed):
+def test_each_rows_own_prompt_text_is_prefilled_once_not_fed_to_every_particle(lm, engine_calls, fed):
     # rows whose prompts differ in length and content (two of them equal): each row's own prompt text is
     # prefilled for the row and broadcast to its particles, never fed to the particles; posteriors stay exact
     prog = lmprog.compile(PROGRAM, "t.lmp")
     rows = [{"who": "Q"}, {"who": "Hello there"}, {"who": "Q"}]
     results = prog.run_batch(rows, lm=lm, particles=600, seed=2)
-    assert calls == [3]
+    assert engine_calls == [3]
     assert all(not any(r) for rows_fed in fed for r in rows_fed), fed
     for row, r in zip(rows, results):
         post, log_z = exact(lm, row["who"])
@@ -148,14 +133,14 @@ def test_each_rows_own_prompt_text_is_prefilled_once_not_fed_to_every_particle(l
         assert {s.text for s in r.samples} <= {f"{prompt} {x}\nZ" for x in post}
 
 
-def test_per_row_prompt_text_gives_the_same_greedy_run_as_a_run_of_its_own(lm, calls, fed):
+def test_per_row_prompt_text_gives_the_same_greedy_run_as_a_run_of_its_own(lm, engine_calls, fed):
     # the row's prompt text continues the shared prefix's cache (prefill) in the batch, and is part of the
     # one-shot prompt prefill in a run of its own: same tokens, same scores; text after a hole is still fed
     src = 'input who: str = "Q"\n"{who}: [x]\\n" where x matches r"[a-z]{1,3}"\n"{who} and [y]\\n" where y in ["a", "b"]\n'
     prog = lmprog.compile(src, "t.lmp")
     rows = [{"who": "Ab"}, {"who": "Q Q Q"}]
     batched = prog.run_batch(rows, lm=lm, strategy="greedy")
-    assert calls == [2]
+    assert engine_calls == [2]
     assert fed and all(any(r) for r in fed[0])  # "{who} and" after the first hole: fed per particle
     for row, b in zip(rows, batched):
         alone = prog.run(row, lm=lm, strategy="greedy")
@@ -163,15 +148,15 @@ def test_per_row_prompt_text_gives_the_same_greedy_run_as_a_run_of_its_own(lm, c
         assert b.raw.scores[0] == pytest.approx(alone.raw.scores[0], abs=1e-4)
 
 
-def test_rows_beyond_max_batch_particles_run_in_calls_of_equal_size(lm, calls):
-    # 3 rows, at most 2 per call: two calls of 2 rows (the second padded with a copy of its row, whose
-    # result is dropped), so both calls share one kernel shape
+def test_rows_beyond_max_batch_particles_run_in_calls_of_equal_size(lm, engine_calls):
+    # 3 rows, at most 2 per call: two engine_calls of 2 rows (the second padded with a copy of its row, whose
+    # result is dropped), so both engine_calls share one kernel shape
     src = 'input who: str = "Q"\n"{who}: [x]\\n" where x in ["a", "b", "ab"]\n'
     prog = lmprog.compile(src, "t.lmp")
     rows = [{"who": "Q"}, {"who": "A"}, {"who": "Ab"}]
     progress = []
     out = run_batch(prog, rows, lm=lm, strategy="greedy", max_batch_particles=2, progress=progress.append)
-    assert calls == [2, 2]
+    assert engine_calls == [2, 2]
     assert [r.inputs for r in out] == rows
     for row, b in zip(rows, out):
         alone = prog.run(row, lm=lm, strategy="greedy")

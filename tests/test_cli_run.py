@@ -85,17 +85,8 @@ def test_batch_one_line_per_row_in_order_bad_rows_do_not_stop_others(prog, tmp_p
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_batch_runs_rows_of_the_same_structure_in_one_engine_call(prog, tmp_path, monkeypatch):
-    from lmprog import inference
-
-    groups = []
-    engine_run = inference.run
-
-    def counting(*args, **kwargs):
-        groups.append(kwargs.get("groups", 1))
-        return engine_run(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "run", counting)
+def test_batch_runs_rows_of_the_same_structure_in_one_engine_call(prog, tmp_path, engine_calls):
+    groups = engine_calls
     rows = tmp_path / "in.jsonl"
     rows.write_text('{"n": 1}\n{"n": 2}\n{"n": 3}\nnot json\n')
     out = tmp_path / "out.jsonl"
