@@ -45,7 +45,7 @@ def toy_case(case_name, lm, prog, chains: int) -> None:
 
     from lmprog.inference import run
     from lmprog.inference.exact import enumerate_program
-    from lmprog.inference.strategies import MCMC, ParticleGibbs
+    from lmprog.inference import MCMC, ParticleGibbs
 
     probs = enumerate_program(lm, prog).probs()
     keys = list(probs)
@@ -84,7 +84,7 @@ def toy_case(case_name, lm, prog, chains: int) -> None:
 
 def model(name: str | None, particles: int) -> None:
     import lmprog
-    from lmprog.inference.strategies import MCMC, SMC
+    from lmprog.inference import MCMC, SMC
     from lmprog.runner import get_model
 
     src = '''infer smc(particles=64)

@@ -18,7 +18,8 @@ from typing import Callable, Mapping, Optional, TextIO
 
 from lmprog.compiler.checks import (CheckedProgram, HoleSpec, ImportSpec, InputSpec, StrategySpec, check_module)
 from lmprog.dsl import ast as A
-from lmprog.dsl.catalog import BUILTINS, DEFAULT_MODEL, DEFAULT_STRATEGY, KEYWORDS
+from lmprog.catalog import DEFAULT_STRATEGY
+from lmprog.dsl.catalog import BUILTINS, DEFAULT_MODEL, KEYWORDS
 from lmprog.dsl.errors import Diagnostic, LmpError
 from lmprog.dsl.parser import parse
 from lmprog.dsl.source import SourceFile, Span, normalize_source

@@ -17,13 +17,16 @@ import html
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-__all__ = ["Result", "ResultSample"]
+from lmprog.inference.diagnostics import diagnostics
+from lmprog.inference.result import tally
+
+__all__ = ["Result", "Sample"]
 
 
 @dataclass
-class ResultSample:
+class Sample:
     """One finished particle: ``values`` (returned), ``text`` (the whole text, prompt included),
     ``log_weight`` (absolute), ``weight`` (normalized), ``holes`` (every hole's value, by engine name)."""
 
@@ -44,7 +47,7 @@ class Result:
 
     Attributes:
         strategy: the strategy's name; ``properly_weighted``: whether the weights target the posterior.
-        samples: finished particles (:class:`ResultSample`), in particle order.
+        samples: finished particles (:class:`Sample`), in particle order.
         posterior: ``[(value dict, probability)]`` sorted by probability (descending), summing to 1.
         log_evidence: ``log Z`` estimate (``None`` unless properly weighted).
         ess: ESS at every decode step (before resampling).
@@ -63,6 +66,31 @@ class Result:
     inputs: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     raw: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_inference(cls, raw, returns: Callable[[Any], dict], inputs: dict, **stats) -> "Result":
+        """The one path from the engine's particles (a one-group
+        :class:`~lmprog.inference.result.InferenceResult`) to a Result: each finished particle's returned
+        values (``returns(decoded particle)``), the posterior tallied over them, the ESS history, the counters
+        (``stats`` adds or overrides them: ``wall_s``, ``lower_s``, ``model``, ...) and, for MCMC, the
+        convergence diagnostics of the returned values."""
+        samples, dead = [], 0
+        for s in raw.samples:
+            if not s.alive:
+                dead += 1
+                continue
+            samples.append(Sample(returns(s), s.text, s.log_weight, s.weight, dict(s.values)))
+        posterior = tally(((x.values, x.weight) for x in samples), ident=_canonical, tie=json.dumps)
+        ess = [float(x) for x in raw.ess[:, 0] if math.isfinite(float(x))] if raw.ess.size else []
+        out_stats = dict(raw.stats)
+        out_stats["engine_wall_s"] = out_stats.get("wall_s")
+        out_stats.update(particles=raw.num_particles, dead=dead)
+        out_stats.update({k: v for k, v in stats.items() if v is not None})
+        extra = {k: raw.extra[k] for k in ("vote", "winner", "rejuvenation") if k in raw.extra}
+        if "chains" in raw.extra:
+            extra["mcmc"] = diagnostics(raw, key=lambda s: _diagnostic_key(returns(s)))
+        return cls(raw.strategy, bool(raw.properly_weighted), samples, posterior,
+                   raw.log_evidence if raw.properly_weighted else None, ess, out_stats, dict(inputs), extra, raw)
 
     # ---- convenience ------------------------------------------------------------------------------------
 
@@ -131,6 +159,22 @@ class Result:
                 f"(compile {_fmt(self.stats.get('compile_s'))} s)")
         return (f"<div>{head}<table><thead><tr><th>probability</th><th>value</th></tr></thead>"
                 f"<tbody>{rows}</tbody></table></div>")
+
+
+def _canonical(values) -> str:
+    """Equal returned values tally together: canonical JSON."""
+    return json.dumps(values, sort_keys=True, ensure_ascii=False)
+
+
+def _diagnostic_key(values):
+    """A returned value as R-hat/ESS see it: a lone number as a number, anything else as a category."""
+    if isinstance(values, dict) and len(values) == 1:
+        (v,) = values.values()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        return values
+    return _canonical(values)
 
 
 def _num(x):

@@ -26,14 +26,14 @@ def default_tokenizer():
 @pytest.fixture
 def engine_calls(monkeypatch):
     """The ``groups`` of every call to the inference engine's ``run`` (batch mode: one call, a group per row)."""
-    from lmprog import inference
+    from lmprog.inference import engine
 
     seen = []
-    real = inference.run
+    real = engine.run
 
     def counting(*args, **kwargs):
         seen.append(kwargs.get("groups", 1))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "run", counting)
+    monkeypatch.setattr(engine, "run", counting)
     return seen

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmprog.automata import HoleConstraints, TokenTable
 from lmprog.backends.tokenizer import byte_tokenizer
-from lmprog.compiler.automaton import Automaton, TokenTable, stack_automata, stack_holes
+from lmprog.compiler.automaton import Automaton, stack_automata, stack_holes
 from lmprog.compiler.constraints import Choices, Contains, Count, IsFloat, Not, Or, Regex, StopAt, compile_hole
 from lmprog.compiler.vocab_index import compress_columns
 
@@ -147,6 +148,25 @@ def test_one_kernel_for_every_hole(setting):
     for i, h in enumerate(holes):
         kernel(table, jnp.array([offsets[i] + h.automaton.start] * 3, jnp.int32), table.init_counts(3))
     assert len(traces) == 1  # switching hole is a different integer, not a recompilation
+
+
+def test_table_implements_the_kernel_protocol(setting):
+    """The accessors the engine uses instead of the table's fields: static inside ``jit`` too."""
+    tok, holes, table, offsets = setting
+    assert isinstance(table, HoleConstraints)
+    assert table.vocab_size == tok.vocab_size == table.token_class.shape[1]
+    assert table.num_states == sum(h.num_states for h in holes)
+    assert table.max_pending() == int(np.asarray(table.pending).max()) == 1  # one-byte following texts
+    assert stack_automata([Automaton(np.zeros((1, 3), np.int32), np.ones(1, bool))])[0].max_pending() == 0
+    seen = []
+
+    @jax.jit
+    def widths(table, states):
+        seen.append((table.vocab_size, table.num_states))
+        return table.mask(states, table.init_counts(states.shape[0]))
+
+    assert widths(table, jnp.array([offsets[0]], jnp.int32)).shape == (1, table.vocab_size)
+    assert seen == [(table.vocab_size, table.num_states)]
 
 
 def test_value_counts_exclude_pending_terminator(setting):

@@ -60,6 +60,12 @@ def test_emptiness_sees_through_static_lets():
     assert "admit no string" in message
 
 
+def test_emptiness_reads_regexes_as_the_compiler_does():
+    ok('"[x]" where x in ["ab"] and x matches r"a|ab"\n')  # leftmost-first matching would lose "ab"
+    ok('"[x]" where x in ["abx"] and x matches r"a(bx)?"\n')
+    assert "admit no string" in errors('"[x]" where x in ["ab"] and x matches r"a(bx)?"\n')[0]
+
+
 def test_inputs_make_emptiness_unknowable_so_no_error():
     ok('input choices: list = ["yes"]\n"[x]" where x in choices and x matches r"no"\n')
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from lmprog.compiler.bytedfa import ByteDFA
 from lmprog.compiler.check_regex import fullmatch, regex_problem
 from lmprog.dsl import ast as A
 from lmprog.dsl.constraints import classify
@@ -198,6 +199,17 @@ def test_regex_problems(pattern, fragment):
                                      ".{0,100}"])
 def test_good_regexes(pattern):
     assert regex_problem(pattern) is None
+
+
+@pytest.mark.parametrize("pattern, text, expected", [
+    ("a|ab", "ab", True), ("a(bx)?", "abx", True), ("a(bx)?", "ab", False), ("[a-z]{0,30}", "", True),
+    ("é|x", "é", True), ("\\d+", "٣", True), ("\\d+", "", False),
+])
+def test_checker_regexes_agree_with_the_compiler(pattern, text, expected):
+    """The checker reads regexes through the compiler's byte DFA (outlines-core's own index, which the checker
+    used before, loses "ab" in a|ab and "abx" in a(bx)?)."""
+    assert fullmatch(pattern, text) is expected
+    assert ByteDFA.from_regex(pattern).accepts(text) is expected
 
 
 def test_constraint_regex_matching_is_linear():

@@ -36,7 +36,8 @@ def test_cases_cover_every_statement_constraint_and_strategy():
     """The golden inputs mention every statement, constraint node, strategy and distribution."""
     from lmprog.dsl import ast as A
     from lmprog.dsl.ast import walk
-    from lmprog.dsl.catalog import DISTRIBUTIONS, STRATEGIES
+    from lmprog.catalog import CATALOG as STRATEGIES
+    from lmprog.dsl.catalog import DISTRIBUTIONS
 
     seen: set[type] = set()
     strategies, dists = set(), set()

@@ -42,6 +42,7 @@ from lmprog.inference import (
     run,
 )
 from lmprog.inference.exact import enumerate_program
+from lmprog.result import Result
 
 # --------------------------------------------------------------------------------------------------
 # The token loop compiles once; same seed, same result
@@ -223,9 +224,9 @@ def test_program_validation_and_context_limit():
         run(small, _prog(STARTS["mixed"]), Importance(particles=2))
 
 
-def test_result_summary_is_json(lm):
-    r = run(lm, _prog(STARTS["letters"]), Importance(particles=32), seed=1)
-    out = json.loads(json.dumps(r.summary()))
+def test_result_from_the_engine_is_json(lm):
+    raw = run(lm, _prog(STARTS["letters"]), Importance(particles=32), seed=1)
+    out = json.loads(Result.from_inference(raw, lambda s: dict(s.values), {}).to_json())
     assert set(out) >= {"strategy", "properly_weighted", "samples", "posterior", "log_evidence", "ess", "stats"}
     assert out["strategy"] == "importance" and out["properly_weighted"] is True
     assert sum(p["probability"] for p in out["posterior"]) == pytest.approx(1.0)

@@ -31,7 +31,7 @@ from _inference_cases import (
     weighted_tv,
     z_score_of_mean,
 )
-from lmprog.inference import SMC, Beam, BestOf, Greedy, Importance, SampleStrategy, Vote, run
+from lmprog.inference import SMC, Beam, BestOf, Greedy, Importance, Sampling, Vote, run
 from lmprog.inference.exact import enumerate_program
 
 G, N = 1000, 64
@@ -94,7 +94,7 @@ def test_local_sampling_is_biased_where_weighted_strategies_are_not(bias):
     lm, prog, exact = bias
     probs = exact.probs()
     assert probs[(A, NL)] == pytest.approx(0.01 / 0.46, rel=1e-4)
-    local = run(lm, prog, SampleStrategy(n=2000), seed=4)
+    local = run(lm, prog, Sampling(n=2000), seed=4)
     assert not local.properly_weighted and local.log_evidence is None
     draws = local.sequences()
     assert chi_square_pvalue(draws, probs) < 1e-12

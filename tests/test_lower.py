@@ -212,4 +212,44 @@ def test_token_healing_falls_back_when_the_space_does_not_fit(lm):
     p = lmprog.compile('"Q: [x]\\n" where x in ["a", "b"] and tokens(x) == 1\nreturn x', "t.lmp")
     seg = lower(p, lm.tokenizer, {}).program.segments
     assert lm.tokenizer.decode(seg[0].tokens, skip_special=True) == "Q: "
-    assert seg[1].value is None
+    assert seg[1].value.head == 0  # no healed space before the value
+
+
+def test_structure_key_is_equal_exactly_for_rows_that_share_their_constraints(lm):
+    import jax
+
+    from lmprog.compiler.inputs import resolve_inputs
+    from lmprog.compiler.lower import lower
+
+    p = lmprog.compile('input topic: str\ninput opts: list = ["a", "b"]\n'
+                       '"Q {topic}: [x]\\n" where x in opts\nreturn x', "t.lmp")
+
+    def lowered(**row):
+        return lower(p, lm.tokenizer, resolve_inputs(p, row))
+
+    a, b = lowered(topic="a"), lowered(topic="b c")
+    assert a.program.segments[0].tokens != b.program.segments[0].tokens  # different prompt text
+    assert a.structure_key == b.structure_key and hash(a.structure_key) == hash(b.structure_key)
+    # the key stands for the token tables: equal keys, equal tables
+    leaves = [jax.tree_util.tree_leaves(x.program.table) for x in (a, b)]
+    assert all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(*leaves))
+    # a choice list from an input changes the hole's automaton: the rows cannot share an engine call
+    c = lowered(topic="a", opts=["a", "c"])
+    assert c.structure_key != a.structure_key
+    d = lowered(topic="a", opts=["a", "bb"])
+    assert d.structure_key != a.structure_key and d.structure_key != c.structure_key
+
+
+def test_program_max_tokens_bounds_text_interpolating_a_hole(lm):
+    # the program's own `infer ...(max_tokens=N)` is the budget of a hole without a tokens() bound, so text
+    # interpolating that hole's value must be allowed that long (not the default 256-token budget's bound)
+    src = '''infer smc(particles=2, max_tokens=600)
+"Q:[x]\\n" where x matches r"a{560}"
+"Z{x}"
+return x
+'''
+    r = run(src, lm, seed=0)
+    assert r.samples
+    for s in r.samples:
+        assert s.values["x"] == "a" * 560
+        assert s.text == "Q:" + "a" * 560 + "\nZ" + "a" * 560

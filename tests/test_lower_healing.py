@@ -10,7 +10,7 @@ import pytest
 
 import lmprog
 from lmprog.backends.toy import toy_tokenizer
-from lmprog.compiler.lower import _Lowering
+from lmprog.compiler.lower import Lowering
 
 # single characters (what encode produces) plus multi-character tokens, so the token automata must handle
 # tokens that straddle the healed space, the value and the terminator
@@ -25,8 +25,7 @@ def tok():
 
 
 def lowered(src, tok, heal=True):
-    low = _Lowering(lmprog.compile(src, "t.lmp"), tok, {}, 0, 256)
-    low.healing = heal
+    low = Lowering(lmprog.compile(src, "t.lmp"), tok, {}, 0, 256, heal=heal)
     low.run()
     (hole,) = low.compiled
     prompt = tok.decode(low.segments[0].tokens, skip_special=True)

@@ -10,7 +10,8 @@ import pytest
 
 import lmprog
 from lmprog.backends.toy import ToyLM, toy_tokenizer
-from lmprog.compiler.lower import LoweringError, lower, resolve_inputs
+from lmprog.compiler.inputs import resolve_inputs
+from lmprog.compiler.lower import LoweringError, lower
 from lmprog.inference import Hole, Host, HostView, Text
 from tests.test_lower import VOCAB, ids, seq_prob, toy_lm
 

@@ -30,7 +30,13 @@ DEAD = -1
 
 
 class RegexError(ValueError):
-    """A pattern that outlines-core (Rust ``regex`` syntax, DFA-compilable subset) cannot compile."""
+    """A pattern that outlines-core (Rust ``regex`` syntax, DFA-compilable subset) cannot compile.
+
+    ``str()`` names the pattern; ``reason`` is outlines-core's message alone (what the checks report)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 # --------------------------------------------------------------------------------------------------
@@ -45,7 +51,7 @@ def _csr(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.cumsum(indptr), dst[order]
 
 
-def _gather_ranges(indptr: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+def gather_ranges(indptr: np.ndarray, nodes: np.ndarray) -> np.ndarray:
     """Concatenated ``range(indptr[v], indptr[v + 1])`` for ``v`` in ``nodes``."""
     starts, ends = indptr[nodes], indptr[nodes + 1]
     lens = ends - starts
@@ -63,7 +69,7 @@ def bfs_reach(n: int, src: np.ndarray, dst: np.ndarray, sources: np.ndarray) -> 
     frontier = np.unique(np.asarray(sources, np.int64))
     seen[frontier] = True
     while frontier.size:
-        nxt = np.unique(targets[_gather_ranges(indptr, frontier)])
+        nxt = np.unique(targets[gather_ranges(indptr, frontier)])
         frontier = nxt[~seen[nxt]]
         seen[frontier] = True
     return seen
@@ -135,12 +141,12 @@ class ByteDFA:
     @staticmethod
     def from_regex(pattern: str) -> "ByteDFA":
         """The strings that fully match ``pattern`` (Rust ``regex`` syntax), via outlines-core."""
-        return _regex_dfa(pattern)
+        return regex_dfa(pattern)
 
     @staticmethod
     def any_utf8() -> "ByteDFA":
         """Every valid UTF-8 string."""
-        return _regex_dfa(r"(?s:.)*")
+        return regex_dfa(r"(?s:.)*")
 
     # -- queries ------------------------------------------------------------------------------------
 
@@ -336,7 +342,7 @@ def _byte_vocabulary():
     return Vocabulary(256, {bytes([b]): [b] for b in range(256)})
 
 
-def _strip_anchors(pattern: str) -> str:
+def strip_anchors(pattern: str) -> str:
     """Holes are matched in full, so a leading ``^``/``\\A`` and a trailing ``$``/``\\z`` are redundant; they
     are removed because an anchor at the start prevents outlines-core from building an anchored DFA."""
     p = pattern
@@ -354,11 +360,30 @@ def _strip_anchors(pattern: str) -> str:
     return p
 
 
+def regex_dfa(pattern: str, minimal: bool = True) -> ByteDFA:
+    """The byte DFA of the strings that fully match ``pattern`` (Rust ``regex`` syntax): the one door through
+    which regexes become automata, for the constraint compiler and the checks alike.
+
+    ``minimal=True`` (what the compiler uses): trimmed and minimised, canonical. ``minimal=False``: the same
+    language, read off outlines-core's index as it is (neither trimmed nor minimised; every state is reachable
+    from the start, so the language is empty iff no state accepts), which is much cheaper to get (minimising a
+    long bounded repetition takes seconds); good for emptiness and membership (:meth:`ByteDFA.accepts`). A pattern that matches no string gives an empty DFA; one that
+    outlines-core cannot compile raises :class:`RegexError` (``reason``: outlines-core's message). Both forms
+    are cached per pattern.
+    """
+    return _minimal_regex_dfa(pattern) if minimal else _wrapped_regex_dfa(pattern)
+
+
 @lru_cache(maxsize=512)
-def _regex_dfa(pattern: str) -> ByteDFA:
+def _minimal_regex_dfa(pattern: str) -> ByteDFA:
+    return _wrapped_regex_dfa(pattern).minimize()
+
+
+@lru_cache(maxsize=128)
+def _wrapped_regex_dfa(pattern: str) -> ByteDFA:
     from outlines_core import Index
 
-    core = _strip_anchors(pattern)
+    core = strip_anchors(pattern)
     try:
         index = Index(f"(?:{core})\\x00\\z", _byte_vocabulary())
     except (ValueError, RuntimeError, TypeError) as e:
@@ -367,29 +392,35 @@ def _regex_dfa(pattern: str) -> ByteDFA:
             return ByteDFA.empty()
         if "universal start state" in message:
             message = "anchors or word boundaries (^, \\b, lookaround) are not supported inside a pattern"
-        raise RegexError(f"cannot compile regex {pattern!r}: {message}") from None
+        raise RegexError(f"cannot compile regex {pattern!r}: {message}", reason=message) from None
     transitions = index.get_transitions()
     finals = index.get_final_states()
     init = index.get_initial_state()
+    # Breadth-first from the start (so every state is reachable and the start is 0), one pass over the edges.
     order = [init]
     ids = {init: 0}
+    src: list[int] = []
+    byte: list[int] = []
+    dst: list[int] = []
+    accept_list: list[bool] = []
     i = 0
     while i < len(order):
-        for tok, nxt in transitions.get(order[i], {}).items():
-            if tok < 256 and nxt not in ids:
-                ids[nxt] = len(order)
-                order.append(nxt)
-        i += 1
-    delta = np.full((len(order), 256), DEAD, np.int32)
-    accept = np.zeros(len(order), bool)
-    for q, s in ids.items():
-        row = transitions.get(q, {})
+        row = transitions.get(order[i], {})
         for tok, nxt in row.items():
             if tok < 256:
-                delta[s, tok] = ids[nxt]
+                j = ids.get(nxt)
+                if j is None:
+                    j = ids[nxt] = len(order)
+                    order.append(nxt)
+                src.append(i)
+                byte.append(tok)
+                dst.append(j)
         sentinel = row.get(0)
-        accept[s] = sentinel is not None and sentinel in finals
-    return ByteDFA(delta, accept).minimize()
+        accept_list.append(sentinel is not None and sentinel in finals)
+        i += 1
+    delta = np.full((len(order), 256), DEAD, np.int32)
+    delta[np.asarray(src, np.int64), np.asarray(byte, np.int64)] = np.asarray(dst, np.int32)
+    return ByteDFA(delta, np.array(accept_list, bool))
 
 
 def escape_regex(text: str) -> str:

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
+from lmprog.compiler.check_env import UNKNOWN, CheckContext, Env, show_value
 from lmprog.dsl import ast as A
-from lmprog.dsl.catalog import DISTRIBUTIONS, STRATEGIES, Param, strategy_params
+from lmprog.catalog import CATALOG, Param
+from lmprog.dsl.catalog import DISTRIBUTIONS
 from lmprog.dsl.errors import one_of, suggestion
 from lmprog.dsl.source import Span
 from lmprog.dsl.static import NotStatic, StaticError, static_value
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lmprog.compiler.checks import Checker, Env
-
-UNKNOWN = object()
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class StrategySpec:
 
     ``args`` maps parameter names to Python values (numbers, strings) or, for ``expr`` parameters
     (``score``, ``key``), to the AST expression. Parameters the program did not give are absent; their defaults
-    are :func:`lmprog.dsl.catalog.strategy_defaults`.
+    are :meth:`lmprog.catalog.StrategySpec.defaults`.
     """
 
     name: str
@@ -40,10 +37,10 @@ class StrategySpec:
 
     @property
     def properly_weighted(self) -> bool:
-        return STRATEGIES[self.name].properly_weighted
+        return CATALOG[self.name].properly_weighted
 
 
-def bind_params(ck: "Checker", callee: str, params: tuple[Param, ...], args: tuple[A.Expr, ...],
+def bind_params(ck: CheckContext, callee: str, params: tuple[Param, ...], args: tuple[A.Expr, ...],
                 kwargs: tuple[A.Keyword, ...], span: Span, positional: int) -> dict[str, A.Expr]:
     """Match arguments to parameters (the first ``positional`` parameters may be given by position).
 
@@ -78,27 +75,27 @@ def value_problem(param: Param, value: Any) -> Optional[str]:
     """Why ``value`` is not valid for ``param`` (None if it is)."""
     t = param.type
     if t == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-        return f"{param.name} must be an integer, not {_show(value)}"
+        return f"{param.name} must be an integer, not {show_value(value)}"
     if t == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-        return f"{param.name} must be a number, not {_show(value)}"
+        return f"{param.name} must be a number, not {show_value(value)}"
     if t == "str" and not isinstance(value, str):
-        return f"{param.name} must be a string, not {_show(value)}"
+        return f"{param.name} must be a string, not {show_value(value)}"
     if t == "list" and not isinstance(value, list):
-        return f"{param.name} must be a list, not {_show(value)}"
+        return f"{param.name} must be a list, not {show_value(value)}"
     if t == "bool" and not isinstance(value, bool):
-        return f"{param.name} must be true or false, not {_show(value)}"
+        return f"{param.name} must be true or false, not {show_value(value)}"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
-            return f"{param.name} must be finite, not {_show(value)}"
+            return f"{param.name} must be finite, not {show_value(value)}"
         if param.low is not None and (value < param.low or (param.open_low and value == param.low)):
             if param.high is not None:
-                return f"{param.name} must be between {_num(param.low)} and {_num(param.high)}, not {_show(value)}"
+                return f"{param.name} must be between {_num(param.low)} and {_num(param.high)}, not {show_value(value)}"
             relation = "greater than" if param.open_low else "at least"
-            return f"{param.name} must be {relation} {_num(param.low)}, not {_show(value)}"
+            return f"{param.name} must be {relation} {_num(param.low)}, not {show_value(value)}"
         if param.high is not None and value > param.high:
-            return f"{param.name} must be between {_num(param.low)} and {_num(param.high)}, not {_show(value)}"
+            return f"{param.name} must be between {_num(param.low)} and {_num(param.high)}, not {show_value(value)}"
     if param.choices and value not in param.choices:
-        return (f"{param.name} must be {one_of([repr(c) for c in param.choices])}, not {_show(value)}"
+        return (f"{param.name} must be {one_of([repr(c) for c in param.choices])}, not {show_value(value)}"
                 + suggestion(str(value), param.choices).replace("'", '"'))
     return None
 
@@ -109,26 +106,17 @@ def _num(x: Optional[float]) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value[:40] + ('..."' if len(value) > 40 else '"')
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 # ----------------------------------------------------------------------------------------------------- infer
 
 
-def check_infer(ck: "Checker", stmt: A.InferStmt, env: "Env") -> Optional[StrategySpec]:
+def check_infer(ck: CheckContext, stmt: A.InferStmt, env: Env) -> Optional[StrategySpec]:
     """Check an ``infer`` statement (``env``: the names defined at the end of the program)."""
-    if stmt.strategy not in STRATEGIES:
-        ck.error(stmt.name_span, f"unknown strategy '{stmt.strategy}'" + suggestion(stmt.strategy, STRATEGIES),
-                 "strategies: " + ", ".join(STRATEGIES))
+    if stmt.strategy not in CATALOG:
+        ck.error(stmt.name_span, f"unknown strategy '{stmt.strategy}'" + suggestion(stmt.strategy, CATALOG),
+                 "strategies: " + ", ".join(CATALOG))
         return None
-    own = STRATEGIES[stmt.strategy].params
-    params = strategy_params(stmt.strategy)
+    own = CATALOG[stmt.strategy].params
+    params = CATALOG[stmt.strategy].all_params
     bound = bind_params(ck, stmt.strategy, params, stmt.args, stmt.kwargs, stmt.span, len(own))
     values: dict[str, Any] = {}
     by_name = {p.name: p for p in params}
@@ -156,7 +144,8 @@ def check_infer(ck: "Checker", stmt: A.InferStmt, env: "Env") -> Optional[Strate
     return StrategySpec(stmt.strategy, values, stmt.span)
 
 
-def _check_strategy_relations(ck: "Checker", strategy: str, bound: dict[str, A.Expr], values: dict[str, Any]) -> None:
+def _check_strategy_relations(ck: CheckContext, strategy: str, bound: dict[str, A.Expr],
+                              values: dict[str, Any]) -> None:
     """Relations between strategy arguments (each one alone was checked against its own range)."""
     if strategy == "mcmc" and "burn_in" in values:
         steps = values.get("steps", 100)
@@ -170,7 +159,7 @@ def _check_strategy_relations(ck: "Checker", strategy: str, bound: dict[str, A.E
 # ---------------------------------------------------------------------------------------------- distributions
 
 
-def check_sample(ck: "Checker", stmt: A.SampleStmt, env: "Env") -> str:
+def check_sample(ck: CheckContext, stmt: A.SampleStmt, env: Env) -> str:
     """Check ``sample x ~ dist(...)``; returns the sampled value's type."""
     for e in (*stmt.args, *(k.value for k in stmt.kwargs)):
         ck.expr(e, env)
@@ -200,7 +189,7 @@ def check_sample(ck: "Checker", stmt: A.SampleStmt, env: "Env") -> str:
     return dist.returns
 
 
-def _check_dist_values(ck: "Checker", stmt: A.SampleStmt, bound: dict[str, A.Expr], values: dict[str, Any]) -> None:
+def _check_dist_values(ck: CheckContext, stmt: A.SampleStmt, bound: dict[str, A.Expr], values: dict[str, Any]) -> None:
     """Relations between arguments that are known before the run."""
     items, probs = values.get("items"), values.get("probs")
     if isinstance(items, list) and not items:

@@ -23,10 +23,9 @@ It returns, per hole, the ``and`` of the terms that constrain it (what the lower
 from __future__ import annotations
 
 import json
-import re
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-from lmprog.compiler.check_args import UNKNOWN, _show
+from lmprog.compiler.check_env import KIND_WORD, UNKNOWN, CheckContext, Env, regex_span, show_value
 from lmprog.compiler.check_regex import fullmatch, regex_problem
 from lmprog.dsl import ast as A
 from lmprog.dsl.catalog import BUILTINS, CONSTRAINT_HELP, CONSTRAINT_WORDS, IS_FLOAT_REGEX, IS_INT_REGEX
@@ -34,9 +33,6 @@ from lmprog.dsl.constraints import conjuncts, join
 from lmprog.dsl.errors import suggestion
 from lmprog.dsl.printer import constraint_to_source
 from lmprog.dsl.source import Span
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lmprog.compiler.checks import Checker, Env
 
 REGEX_LIKE = (A.Matches, A.InChoices, A.IsInt, A.IsFloat, A.Contains, A.StartsWith, A.EndsWith)
 OR_HELP = ("'or' and 'not' work on regex-like constraints (matches, in, is_int, is_float, contains, startswith,\n"
@@ -48,8 +44,8 @@ _KIND_TEXT = {"regex": "a regex-like constraint", "stop": "stop_at/stop_before",
 _META = set(".^$*+?{}[]\\|()")
 
 
-def check_where(ck: "Checker", where: Optional[A.Constraint], holes: dict[str, Span], before: "Env",
-                after: "Env") -> dict[str, A.Constraint]:
+def check_where(ck: CheckContext, where: Optional[A.Constraint], holes: dict[str, Span], before: Env,
+                after: Env) -> dict[str, A.Constraint]:
     """Check a statement's ``where`` clause; returns each hole's constraint (only holes that have one)."""
     if where is None:
         return {}
@@ -105,7 +101,7 @@ def kind_of(c: A.Constraint) -> Optional[str]:
     return None
 
 
-def _check_tree(ck: "Checker", c: A.Constraint, holes: dict[str, Span], before: "Env", after: "Env") -> bool:
+def _check_tree(ck: CheckContext, c: A.Constraint, holes: dict[str, Span], before: Env, after: Env) -> bool:
     """Check one top-level ``and`` term (recursively); True when it is fully valid."""
     if isinstance(c, A.InvalidConstraint):
         ck.error(c.span, c.message, c.help)
@@ -117,7 +113,7 @@ def _check_tree(ck: "Checker", c: A.Constraint, holes: dict[str, Span], before: 
     return _check_atom(ck, c, holes, before, after)
 
 
-def _check_combination(ck: "Checker", c: A.Constraint) -> bool:
+def _check_combination(ck: CheckContext, c: A.Constraint) -> bool:
     word = "not" if isinstance(c, A.Not) else ("or" if isinstance(c, A.Or) else "and")
     if word == "and":
         names = _holes_of(c)
@@ -162,7 +158,7 @@ def _check_combination(ck: "Checker", c: A.Constraint) -> bool:
 # -------------------------------------------------------------------------------------------------- atoms
 
 
-def _check_atom(ck: "Checker", c: A.Constraint, holes: dict[str, Span], before: "Env", after: "Env") -> bool:
+def _check_atom(ck: CheckContext, c: A.Constraint, holes: dict[str, Span], before: Env, after: Env) -> bool:
     ok = _check_hole(ck, c.hole, holes, after)
     if isinstance(c, A.Matches):
         ok &= _static_arg(ck, c.pattern, after, "str", "the regex of matches")
@@ -186,7 +182,7 @@ def _check_atom(ck: "Checker", c: A.Constraint, holes: dict[str, Span], before: 
         if _static_arg(ck, c.n, after, "int", f"the bound of {c.kind}()"):
             n = ck.fold(c.n, after, report=False)
             if n is not UNKNOWN and (not isinstance(n, int) or isinstance(n, bool)):
-                ck.error(c.n.span, f"the bound of {c.kind}() must be an integer, not {_show(n)}")
+                ck.error(c.n.span, f"the bound of {c.kind}() must be an integer, not {show_value(n)}")
                 ok = False
         else:
             ok = False
@@ -210,7 +206,7 @@ def _check_atom(ck: "Checker", c: A.Constraint, holes: dict[str, Span], before: 
     return bool(ok)
 
 
-def _check_hole(ck: "Checker", hole: A.Name, holes: dict[str, Span], env: "Env") -> bool:
+def _check_hole(ck: CheckContext, hole: A.Name, holes: dict[str, Span], env: Env) -> bool:
     if hole.id in holes:
         return True
     if not holes:
@@ -228,7 +224,7 @@ def _check_hole(ck: "Checker", hole: A.Name, holes: dict[str, Span], env: "Env")
     return False
 
 
-def _static_arg(ck: "Checker", e: A.Expr, env: "Env", typ: str, what: str) -> bool:
+def _static_arg(ck: CheckContext, e: A.Expr, env: Env, typ: str, what: str) -> bool:
     """Check an argument that must be known before the run and have type ``typ``."""
     actual = ck.expr(e, env)
     if not ck.require_static(e, env, what):
@@ -236,13 +232,13 @@ def _static_arg(ck: "Checker", e: A.Expr, env: "Env", typ: str, what: str) -> bo
     if actual not in (typ, "any"):
         words = {"str": "a string", "list": "a list", "int": "an integer"}
         value = ck.fold(e, env, report=False)
-        shown = f", not {_show(value)}" if value is not UNKNOWN and not isinstance(value, (list, dict)) else ""
+        shown = f", not {show_value(value)}" if value is not UNKNOWN and not isinstance(value, (list, dict)) else ""
         ck.error(e.span, f"{what} must be {words[typ]}{shown}")
         return False
     return True
 
 
-def _check_choices(ck: "Checker", c: A.InChoices) -> bool:
+def _check_choices(ck: CheckContext, c: A.InChoices) -> bool:
     if isinstance(c.choices, A.ListExpr):
         if not c.choices.items:
             ck.error(c.span, f"'{c.hole.id} in []' admits no string", "list at least one choice")
@@ -257,7 +253,7 @@ def _check_choices(ck: "Checker", c: A.InChoices) -> bool:
     return True
 
 
-def _check_predicate(ck: "Checker", c: A.PyPredicate, before: "Env", after: "Env") -> bool:
+def _check_predicate(ck: CheckContext, c: A.PyPredicate, before: Env, after: Env) -> bool:
     for arg in c.args:
         ck.expr(arg, before)
     for kw in c.kwargs:
@@ -286,12 +282,10 @@ def _check_predicate(ck: "Checker", c: A.PyPredicate, before: "Env", after: "Env
 
 
 def _kind_word(kind: str) -> str:
-    from lmprog.compiler.checks import _KIND_WORD
-
-    return _KIND_WORD.get(kind, kind)
+    return KIND_WORD.get(kind, kind)
 
 
-def _check_file(ck: "Checker", e: A.Expr, env: "Env", what: str, parse) -> None:
+def _check_file(ck: CheckContext, e: A.Expr, env: Env, what: str, parse) -> None:
     path = ck.fold(e, env, report=False)
     if not isinstance(path, str):
         return
@@ -306,27 +300,10 @@ def _check_file(ck: "Checker", e: A.Expr, env: "Env", what: str, parse) -> None:
             ck.error(e.span, f"{what} '{path}' is not valid: {str(exc)[:120]}")
 
 
-def regex_span(ck: "Checker", e: A.Expr, pos: Optional[int]) -> Span:
-    """The span of character ``pos`` of a regex literal, when it maps exactly onto the source; else ``e``'s."""
-    span = e.span
-    if pos is None or not isinstance(e, A.Str) or span.line != span.end_line or span.line <= 0:
-        return span
-    line = ck.source.line_text(span.line)
-    token = line[span.col - 1:span.end_col - 1]
-    m = re.match(r"[rRfF]{0,2}(\"\"\"|'''|\"|')", token)
-    if not m:
-        return span
-    body = token[m.end():len(token) - len(m.group(1))]
-    if body[:pos + 1] != e.value[:pos + 1]:  # an escape before pos: columns do not match characters
-        return span
-    col = span.col + m.end() + pos
-    return Span(span.file, span.line, col, span.line, col + 1)
-
-
 # ------------------------------------------------------------------------------------------------ emptiness
 
 
-def _emptiness(ck: "Checker", name: str, terms: list[A.Constraint], env: "Env") -> None:
+def _emptiness(ck: CheckContext, name: str, terms: list[A.Constraint], env: Env) -> None:
     """Report the first term that makes the constraints on one hole admit no string (cheap cases only)."""
     fold = lambda e: ck.fold(e, env, report=False)  # noqa: E731 - a local shorthand
     if _count_bounds(ck, name, terms, fold):

@@ -9,10 +9,14 @@ valid for both, and finite-automaton friendly. :func:`regex_problem` checks, in 
 2. no construct a finite automaton cannot express or that the hole semantics make meaningless: lookahead /
    lookbehind, backreferences and conditionals, atomic groups and possessive quantifiers, anchors
    (``^ $ \\A \\Z``: the regex always matches the whole hole) and word boundaries (``\\b \\B``);
-3. outlines-core builds an index for it over a 256-token byte vocabulary: this is the real compiler's dialect
-   check, and with every byte available an index without reachable final states means the regex matches no
-   string at all. Skipped (as too slow for a check) for large bounded repetitions of Unicode word classes.
+3. the constraint compiler's own regex -> byte DFA (:func:`lmprog.compiler.bytedfa.regex_dfa`, the one door
+   through which regexes become automata) accepts it: this is the real compiler's dialect check, and an empty
+   DFA means the regex matches no string at all. The checker takes the DFA unminimised (same language, much
+   cheaper), and skips this step, as too slow for a check, for large bounded repetitions (of Unicode word
+   classes beyond 8, of anything beyond 500 in all) and patterns over 1000 characters: the compiler then has the
+   final word when the hole is compiled.
 
+:func:`fullmatch` walks the same DFA, so the checker's emptiness tests agree with what the compiler generates.
 Results are cached per pattern.
 """
 
@@ -22,6 +26,8 @@ import functools
 import re
 import warnings
 from typing import Optional
+
+from lmprog.compiler.bytedfa import ByteDFA, RegexError, regex_dfa
 
 try:  # the private parser module is the only way to see the structure Python compiled
     import re._constants as _C
@@ -63,7 +69,7 @@ def regex_problem(pattern: str) -> Optional[tuple[str, Optional[int], Optional[s
         return unsupported
     if len(pattern) > 1000 or _too_costly(tree):
         return None
-    return _outlines_problem(pattern)
+    return _compiler_problem(pattern)
 
 
 def _walk(tree):
@@ -118,7 +124,7 @@ _WORDISH = {_C.CATEGORY_WORD, _C.CATEGORY_NOT_WORD, _C.CATEGORY_SPACE, _C.CATEGO
 
 
 def _too_costly(tree) -> bool:
-    """Whether building the byte-level index could take long (big bounded repeats of Unicode classes)."""
+    """Whether building the byte DFA could take long (big bounded repeats, of Unicode classes above all)."""
     stack = [(tree, 1)]
     total = 0
     while stack:
@@ -148,43 +154,32 @@ def _has_wordish(sub) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_vocabulary():
-    from outlines_core import Vocabulary
-
-    return Vocabulary(0, {bytes([b]): [b + 1] for b in range(256)})
+def _dfa(pattern: str) -> ByteDFA:
+    """The compiler's byte DFA of a pattern, unminimised (raises what :func:`regex_dfa` raises)."""
+    return regex_dfa(pattern, minimal=False)
 
 
-@functools.lru_cache(maxsize=256)
-def _index(pattern: str):
-    """The byte-level outlines-core index of a pattern (raises what outlines-core raises)."""
-    from outlines_core import Index
-
-    return Index(pattern, _byte_vocabulary())
+def _checkable(pattern: str) -> bool:
+    """Whether building the byte DFA is cheap enough for a check (and the pattern is in the dialect)."""
+    tree = _P.parse(pattern)
+    return len(pattern) <= 1000 and not _too_costly(tree) and _unsupported(tree, pattern) is None
 
 
 def fullmatch(pattern: str, text: str) -> Optional[bool]:
     """Whether ``text`` matches the whole constraint regex, in linear time (None when that cannot be decided).
 
-    Walks the automaton outlines-core builds (the constraint compiler's own dialect) byte by byte, so a pattern
-    like ``(a|a)*b`` cannot make the checker backtrack exponentially; falls back to Python's ``re`` only for
-    short strings.
+    Walks the byte DFA the constraint compiler builds (its own dialect and semantics), so a pattern like
+    ``(a|a)*b`` cannot make the checker backtrack exponentially; falls back to Python's ``re`` only for short
+    strings.
     """
     try:
-        tree = _P.parse(pattern)
-        usable = len(pattern) <= 1000 and not _too_costly(tree) and _unsupported(tree, pattern) is None
-        index = _index(pattern) if usable else None
+        dfa = _dfa(pattern) if _checkable(pattern) else None
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException:
-        index = None
-    if index is not None:
-        state = index.get_initial_state()
-        for byte in text.encode("utf-8", "surrogatepass"):
-            state = index.get_next_state(state, byte + 1)
-            if state is None:
-                return False
-        return bool(index.is_final_state(state))
+        dfa = None
+    if dfa is not None:
+        return dfa.accepts(text.encode("utf-8", "surrogatepass"))
     if len(text) <= 16:  # backtracking is bounded on short strings
         try:
             return re.fullmatch(pattern, text) is not None
@@ -193,21 +188,21 @@ def fullmatch(pattern: str, text: str) -> Optional[bool]:
     return None
 
 
-def _outlines_problem(pattern: str) -> Optional[tuple[str, Optional[int], Optional[str]]]:
+def _compiler_problem(pattern: str) -> Optional[tuple[str, Optional[int], Optional[str]]]:
     try:
         import outlines_core  # noqa: F401 - only to know it is there
     except ImportError:  # pragma: no cover - outlines-core is a dependency
         return None
     try:
-        index = _index(pattern)
+        dfa = _dfa(pattern)
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as exc:  # pyo3 panics derive from BaseException
-        text = str(exc)
+    except BaseException as exc:  # RegexError, or a pyo3 panic (those derive from BaseException)
+        text = exc.reason if isinstance(exc, RegexError) else str(exc)
         if "incompatible" in text or "no transitions" in text:
             return "this regex matches no string", None, None
         return (f"regex not supported by the constraint compiler: {text.splitlines()[0][:120]}", None,
                 "constraint regexes use the common subset of Python re and Rust regex syntax")
-    if not index.get_final_states():
+    if not dfa.accept.any():  # every state of the unminimised DFA is reachable from the start
         return "this regex matches no string", None, None
     return None

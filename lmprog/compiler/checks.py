@@ -20,6 +20,8 @@ checks:
   literals, inputs and ``let`` s of those;
 * **constraints**, **regexes** and **emptiness**: :mod:`lmprog.compiler.check_constraints`;
 * **strategies** and **distributions**: :mod:`lmprog.compiler.check_args`;
+* what those share with this walker (bindings, the environment, the interface they call back through,
+  :class:`~lmprog.compiler.check_env.CheckContext`): :mod:`lmprog.compiler.check_env`;
 * **files**: ``import`` paths (and ``grammar`` / ``json`` files) exist, relative to the program file.
 
 The result, :class:`CheckedProgram`, is what :class:`lmprog.program.Program` exposes and the lowering consumes.
@@ -35,10 +37,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from lmprog.compiler.check_args import UNKNOWN, StrategySpec, check_infer, check_sample
+from lmprog.catalog import CATALOG
+from lmprog.compiler.check_args import StrategySpec, check_infer, check_sample
+from lmprog.compiler.check_constraints import check_where
+from lmprog.compiler.check_env import KIND_WORD, UNKNOWN, Binding, Ctx, Env, regex_span
+from lmprog.compiler.check_regex import python_regex_problem
 from lmprog.dsl import ast as A
-from lmprog.dsl.catalog import (BUILTINS, CONSTRAINT_CALLS, DISTRIBUTIONS, INPUT_TYPES, PYTHON_SPELLINGS,
-                                STRATEGIES)
+from lmprog.dsl.catalog import BUILTINS, CONSTRAINT_CALLS, DISTRIBUTIONS, INPUT_TYPES, PYTHON_SPELLINGS
 from lmprog.dsl.errors import Diagnostic, LmpError, suggestion
 from lmprog.dsl.printer import expr_to_source
 from lmprog.dsl.source import NO_SPAN, SourceFile, Span
@@ -101,42 +106,6 @@ class CheckedProgram:
     model: Optional[str]
     strategy: Optional[StrategySpec]
     returns: tuple[tuple[str, A.Expr], ...]
-
-
-# ------------------------------------------------------------------------------------------------ environment
-
-
-@dataclass(frozen=True)
-class Binding:
-    """What a name means at a point of the program.
-
-    ``kind``: input, let, hole, sample, loop, module, function. ``static``: its value is known before the run
-    (inputs, and lets of static values outside branches and loops); ``value`` is that value when the checker
-    knows it (literals), else UNKNOWN. ``maybe``: the span of the ``if`` after which it may be undefined.
-    """
-
-    kind: str
-    type: str
-    span: Span
-    static: bool = False
-    value: Any = UNKNOWN
-    maybe: Optional[Span] = None
-
-
-Env = dict[str, Binding]
-
-
-@dataclass(frozen=True)
-class Ctx:
-    """Where a statement is: at the top level, inside how many loops, inside an if branch."""
-
-    top: bool = True
-    loops: int = 0
-    branch: bool = False
-
-
-_KIND_WORD = {"input": "an input", "let": "a let variable", "hole": "a hole", "sample": "a sampled value",
-              "loop": "a loop variable", "module": "an imported module", "function": "a function"}
 
 
 # ----------------------------------------------------------------------------------------------------- checker
@@ -349,9 +318,9 @@ class Checker:
                 self.error(span, f"'{name}' is already defined: it is a function passed with functions=")
             else:
                 where = f" (line {old.span.line})" if old.span.line else ""
-                self.error(span, f"'{name}' is already defined as {_KIND_WORD[old.kind]}{where}",
+                self.error(span, f"'{name}' is already defined as {KIND_WORD[old.kind]}{where}",
                            "use a different name" if binding.kind != "let" else
-                           f"only let variables can be assigned again; '{name}' is {_KIND_WORD[old.kind]}")
+                           f"only let variables can be assigned again; '{name}' is {KIND_WORD[old.kind]}")
             return env
         if binding.kind == "let" and old is not None and not ctx.top:
             binding = replace(binding, static=False, value=UNKNOWN)
@@ -404,8 +373,6 @@ class Checker:
     # ------------------------------------------------------------------------------------------- constraints
 
     def constraints(self, stmt, where, holes: dict[str, Span], before: Env, after: Env, ctx: Ctx) -> None:
-        from lmprog.compiler.check_constraints import check_where
-
         per_hole = check_where(self, where, holes, before, after)
         for name, span in holes.items():
             self.holes.append(HoleSpec(name, per_hole.get(name), ctx.loops, ctx.branch, stmt, span=span))
@@ -664,7 +631,7 @@ class Checker:
             return "any"
         if b is not None:
             self.call_args(e, env)
-            self.error(func.span, f"'{name}' is {_KIND_WORD[b.kind]}, not a function")
+            self.error(func.span, f"'{name}' is {KIND_WORD[b.kind]}, not a function")
             return "any"
         if name in BUILTINS:
             return self.builtin_call(e, name, env)
@@ -678,7 +645,7 @@ class Checker:
             if name in ("contains", "startswith", "endswith"):
                 help = None
             self.error(func.span, f"'{name}' is a constraint: it can only be used in a where clause", help)
-        elif name in STRATEGIES:
+        elif name in CATALOG:
             self.error(func.span, f"'{name}' is an inference strategy: write infer {name}(...)")
         else:
             candidates = [*BUILTINS, *(n for n, b in env.items() if b.kind == "function")]
@@ -753,7 +720,7 @@ class Checker:
         arg = e.args[0]
         b = self.lookup(arg, env)
         if b is not None and b.kind != "hole":
-            self.error(arg.span, f"logprob() needs a hole, and '{arg.id}' is {_KIND_WORD[b.kind]}")
+            self.error(arg.span, f"logprob() needs a hole, and '{arg.id}' is {KIND_WORD[b.kind]}")
         return "float"
 
     # ----------------------------------------------------------------------------------------------- statics
@@ -805,9 +772,6 @@ class Checker:
 
     def host_regex(self, e: A.Expr, env: Env) -> None:
         """Validate the regex of a ``matches`` in an expression (Python ``re`` runs it on the host)."""
-        from lmprog.compiler.check_regex import python_regex_problem
-        from lmprog.compiler.check_constraints import regex_span
-
         pattern = self.fold(e, env, report=False)
         if isinstance(pattern, str):
             problem = python_regex_problem(pattern)

@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from lmprog.automata.counters import CHARS, INF, TOKENS, WORDS
 from lmprog.automata.values import ValueRule, generated_bytes
 from lmprog.compiler import counters as C
 from lmprog.compiler.automaton import Automaton
@@ -177,7 +178,7 @@ class Or(Constraint):
         return " or ".join(f"({c.describe()})" for c in self.items)
 
 
-COUNT_KINDS = {"tokens": C.TOKENS, "len": C.CHARS, "words": C.WORDS}
+COUNT_KINDS = {"tokens": TOKENS, "len": CHARS, "words": WORDS}
 COUNT_OPS = ("<=", "<", "==", ">=", ">")
 _NEGATE = {"<=": ">", "<": ">=", ">=": "<", ">": "<="}
 
@@ -200,7 +201,7 @@ class Count(Constraint):
     def interval(self) -> tuple[int, int]:
         n = int(self.n)
         return {
-            "<=": (0, n), "<": (0, n - 1), "==": (n, n), ">=": (max(n, 0), C.INF), ">": (max(n + 1, 0), C.INF),
+            "<=": (0, n), "<": (0, n - 1), "==": (n, n), ">=": (max(n, 0), INF), ">": (max(n + 1, 0), INF),
         }[self.op]
 
     def describe(self) -> str:
@@ -369,8 +370,8 @@ def _count_set(c: Constraint) -> Intervals:
             if lo > at:
                 out.append((at, lo - 1))
             at = hi + 1
-        if at <= C.INF:
-            out.append((at, C.INF))
+        if at <= INF:
+            out.append((at, INF))
         return out
     sets = [_count_set(x) for x in c.items]
     if isinstance(c, And):
@@ -753,7 +754,7 @@ def _compile(plan: HolePlan, info: VocabInfo, name: str, loc) -> tuple[Automaton
     if content.is_empty:
         raise ConstraintError(f"the constraints on {name} allow no value: {_describe_plan(plan, name)}", loc)
     term, bounds = plan.terminator, plan.bounds
-    hole = build_hole_dfa(content, term, bounds.active(C.CHARS), bounds.active(C.WORDS))
+    hole = build_hole_dfa(content, term, bounds.active(CHARS), bounds.active(WORDS))
     if not hole.final.any() and not hole.eos_ok.any():
         raise ConstraintError(
             f"no value of {name} satisfying {_describe_plan(plan, name)} can be followed by the {_term_text(term)}"
@@ -789,9 +790,9 @@ def _compile(plan: HolePlan, info: VocabInfo, name: str, loc) -> tuple[Automaton
     # With character / word bounds, split classes so that every token of a class has the same increments:
     # the device then checks counters once per class, not once per token.
     keys = [token_class.astype(np.int64)]
-    if bounds.active(C.CHARS):
+    if bounds.active(CHARS):
         keys.append(info.inc_chars.astype(np.int64))
-    if bounds.active(C.WORDS):
+    if bounds.active(WORDS):
         keys.append(info.words_id.astype(np.int64))
     if len(keys) > 1:
         key = keys[0]
@@ -806,8 +807,8 @@ def _compile(plan: HolePlan, info: VocabInfo, name: str, loc) -> tuple[Automaton
         token_class = rank[inverse.reshape(-1)].astype(np.int32)
 
     pend = np.zeros((old.size, 3), np.int32)
-    pend[:, C.CHARS] = labels[:, 1]
-    pend[:, C.WORDS] = labels[:, 2]
+    pend[:, CHARS] = labels[:, 1]
+    pend[:, WORDS] = labels[:, 2]
     tracker = labels[:, 3].astype(np.int32)
     fixed = bounds.fixed_tokens if term.kind == "fixed" else -1
     hc = C.analyse_counters(

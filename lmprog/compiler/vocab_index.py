@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmprog.compiler.bytedfa import gather_ranges
 from lmprog.compiler.counters import word_tracker
 
 _PAIR_BUDGET = 4_000_000  # (state, token) pairs processed at once
@@ -137,8 +138,6 @@ def token_transitions(delta: np.ndarray, info: VocabInfo) -> np.ndarray:
 
     Walks the token trie breadth first with (node, state) pairs, dropping a pair as soon as its state dies,
     so shared prefixes are walked once and a restrictive automaton stops after the first byte or two."""
-    from lmprog.compiler.bytedfa import _gather_ranges
-
     n = delta.shape[0]
     sink = n
     full = np.vstack([np.where(delta >= 0, delta, sink), np.full((1, 256), sink)]).astype(np.int64).reshape(-1)
@@ -161,12 +160,12 @@ def token_transitions(delta: np.ndarray, info: VocabInfo) -> np.ndarray:
             ntok = info.node_token_ptr[node + 1] - info.node_token_ptr[node]
             ends = ntok > 0
             if ends.any():
-                idx = _gather_ranges(info.node_token_ptr, node[ends])
+                idx = gather_ranges(info.node_token_ptr, node[ends])
                 out[np.repeat(st[ends], ntok[ends]), info.node_tokens[idx]] = np.repeat(cur[ends], ntok[ends])
             nchild = children[node + 1] - children[node]
             has = nchild > 0
             node, st, cur, nchild = node[has], st[has], cur[has], nchild[has]
-            child = _gather_ranges(children, node)
+            child = gather_ranges(children, node)
             st = np.repeat(st, nchild)
             cur = full[np.repeat(cur, nchild) * 256 + byte[child]]
             node = child

@@ -19,6 +19,7 @@ from lmprog.dsl.catalog import KEYWORDS
 from lmprog.dsl.constraints import classify, join
 from lmprog.dsl.errors import Diagnostic, LmpError
 from lmprog.dsl.source import SourceFile, Span
+from lmprog.dsl.syntax import parse_tree
 
 Child = Union[Tree, Token, None]
 
@@ -87,8 +88,6 @@ class Builder:
 
     def parse_expr(self, text: str, offset: int) -> Optional[A.Expr]:
         """Parse an expression at absolute ``offset`` (template interpolations); None after a report."""
-        from lmprog.dsl.parser import parse_tree
-
         try:
             tree = parse_tree(self.source, text, offset, "expr_only")
         except LmpError as err:

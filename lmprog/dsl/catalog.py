@@ -1,5 +1,5 @@
-"""What the language knows by name: keywords, input types, built-in functions, constraints, distributions and
-inference strategies, with their parameters.
+"""What the language knows by name: keywords, input types, built-in functions, constraints and distributions,
+with their parameters (the inference strategies and their parameters are in :mod:`lmprog.catalog`).
 
 These tables are the single source of truth for the parser (keywords), the checker (names, arity, argument
 types, did-you-mean suggestions) and the lowering (defaults of strategy and distribution parameters), and are
@@ -9,7 +9,8 @@ documented in ``docs/language.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+
+from lmprog.catalog import Param
 
 #: Words that cannot be used as names (statement keywords, operators, literals).
 KEYWORDS = frozenset({
@@ -36,8 +37,6 @@ COUNT_OPS = ("<", "<=", "==", ">=", ">")
 #: Count functions usable in constraints (``tokens(X) <= N``) and in expressions.
 COUNTERS = ("tokens", "len", "words")
 
-RESAMPLERS = ("multinomial", "stratified", "systematic", "residual")
-MCMC_MOVES = ("suffix", "independent")
 
 
 @dataclass(frozen=True)
@@ -88,25 +87,6 @@ CONSTRAINT_HELP = ('a constraint is one of: X matches r"...", X in ["a", ...], s
 
 
 @dataclass(frozen=True)
-class Param:
-    """A parameter of a distribution or a strategy.
-
-    ``type`` is 'int', 'float', 'str', 'bool', 'list', 'expr' (any expression, evaluated per sample) or 'any'.
-    ``low`` / ``high`` bound numbers (inclusive unless ``open_low``); ``choices`` restricts strings.
-    ``required`` parameters have no default.
-    """
-
-    name: str
-    type: str
-    default: object = None
-    required: bool = False
-    low: Optional[float] = None
-    high: Optional[float] = None
-    open_low: bool = False
-    choices: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class Distribution:
     name: str
     params: tuple[Param, ...]
@@ -125,48 +105,4 @@ DISTRIBUTIONS: dict[str, Distribution] = {d.name: d for d in (
                           Param("b", "float", required=True, low=0, open_low=True)), "float"),
 )}
 
-
-@dataclass(frozen=True)
-class Strategy:
-    """An inference strategy: its own parameters (positional order = this order), then the common options."""
-
-    name: str
-    params: tuple[Param, ...]
-    properly_weighted: bool
-
-
-#: Options every strategy accepts (by keyword).
-COMMON_OPTIONS: tuple[Param, ...] = (
-    Param("max_tokens", "int", 256, low=1),
-    Param("temperature", "float", 1.0, low=0, open_low=True),
-    Param("seed", "int", 0),
-)
-
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("sample", (Param("n", "int", 1, low=1),), False),
-    Strategy("greedy", (), False),
-    Strategy("importance", (Param("particles", "int", 16, low=1),), True),
-    Strategy("smc", (Param("particles", "int", 16, low=1), Param("ess", "float", 0.5, low=0, high=1),
-                     Param("resample", "str", "systematic", choices=RESAMPLERS),
-                     Param("rejuvenate", "int", 0, low=0)), True),
-    Strategy("beam", (Param("width", "int", 4, low=1),), False),
-    Strategy("best_of", (Param("n", "int", 8, low=1), Param("score", "expr")), False),
-    Strategy("vote", (Param("n", "int", 8, low=1), Param("key", "expr")), False),
-    Strategy("mcmc", (Param("steps", "int", 100, low=1), Param("chains", "int", 4, low=1),
-                      Param("burn_in", "int", 0, low=0), Param("move", "str", "suffix", choices=MCMC_MOVES),
-                      Param("particles", "int", 8, low=1)), True),
-    Strategy("particle_gibbs", (Param("iterations", "int", 10, low=1), Param("particles", "int", 16, low=1)), True),
-)}
-
-DEFAULT_STRATEGY = "smc"
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def strategy_params(name: str) -> tuple[Param, ...]:
-    """A strategy's own parameters followed by the common options (what ``infer name(...)`` accepts)."""
-    return STRATEGIES[name].params + COMMON_OPTIONS
-
-
-def strategy_defaults(name: str) -> dict[str, object]:
-    """Every parameter of a strategy with its default (``expr`` parameters default to None)."""
-    return {p.name: p.default for p in strategy_params(name)}

@@ -30,6 +30,7 @@ from typing import Optional
 
 from lmprog.dsl import ast as A
 from lmprog.dsl.catalog import CONSTRAINT_HELP, COUNT_OPS, COUNTERS
+from lmprog.dsl.errors import did_you_mean
 
 _FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 _COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
@@ -225,8 +226,6 @@ def _predicate(expr: A.Call) -> A.Constraint:
 
 def _near_count(expr: A.Expr) -> Optional[str]:
     """The count a misspelt ``lenn(X)`` probably meant, if ``expr`` looks like a count call."""
-    from lmprog.dsl.errors import did_you_mean
-
     if isinstance(expr, A.Call) and isinstance(expr.func, A.Name) and len(expr.args) == 1:
         return did_you_mean(expr.func.id, COUNTERS, cutoff=0.5) if expr.func.id not in COUNTERS else None
     return None

@@ -34,7 +34,7 @@ class StaticError(Exception):
 
 def static_value(expr: A.Expr, env: Mapping[str, Any] | None = None) -> Any:
     """The value of ``expr`` with names looked up in ``env`` (raises NotStatic / StaticError)."""
-    return _Eval(env or {}).eval(expr)
+    return Evaluator(env or {}).eval(expr)
 
 
 def is_literal(expr: A.Expr) -> bool:
@@ -52,7 +52,10 @@ _CMPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.g
          "!=": operator.ne}
 
 
-class _Eval:
+class Evaluator:
+    """The language's expressions with Python semantics, names looked up in ``env`` (a name not in it is
+    :class:`NotStatic`). Subclasses add names and calls that need a run (the lowering's run-time evaluator)."""
+
     def __init__(self, env: Mapping[str, Any]):
         self.env = env
 

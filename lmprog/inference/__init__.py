@@ -1,11 +1,13 @@
-"""The inference engine: jitted SMC, importance sampling, beam search, best-of-N and voting over LM token
-states. See ``docs/inference.md``.
+"""The inference engine: jitted SMC, importance sampling, beam search, best-of-N, voting and MCMC over LM
+token states. See ``docs/inference.md``.
 
-The end-to-end lowering builds a :class:`SegmentProgram` (``Text``/``Observe``/``Hole``/``Host`` segments
-over one token stream, the holes' automata stacked into one ``TokenTable``), picks a strategy
-(:func:`make_strategy`) and calls :func:`run`, which returns an :class:`InferenceResult`.
+The lowering builds a :class:`SegmentProgram` (``Text``/``Observe``/``Hole``/``Host`` segments over one token
+stream, the holes' automata stacked into one token table), picks a strategy (:func:`make_strategy`; the
+catalog is :mod:`lmprog.catalog`) and calls :func:`run`, which returns an :class:`InferenceResult`; batch mode runs rows
+as groups of one call (:func:`run_rows`).
 """
 
+from lmprog.inference.batch import MAX_BATCH_PARTICLES, run_rows
 from lmprog.inference.engine import Progress, run
 from lmprog.inference.kernel import TRACE_COUNTS, KernelConfig
 from lmprog.inference.program import (
@@ -20,25 +22,30 @@ from lmprog.inference.program import (
     hole_value,
 )
 from lmprog.inference.resampling import RESAMPLERS, Resampler, ess, multinomial, residual, stratified, systematic
-from lmprog.inference.result import InferenceResult, Sample
+from lmprog.inference.result import DecodedParticle, InferenceResult, tally
 from lmprog.inference.strategies import (
-    SMC,
     STRATEGIES,
+    DEFAULT_STRATEGY,
+    MCMC,
+    SMC,
     Beam,
     BestOf,
     Greedy,
     Importance,
-    Sample as SampleStrategy,
+    ParticleGibbs,
+    Sampling,
     Strategy,
     Vote,
     make_strategy,
-    with_options,
 )
 
 __all__ = [
     "Beam",
     "BestOf",
+    "STRATEGIES",
     "Cause",
+    "DEFAULT_STRATEGY",
+    "DecodedParticle",
     "Greedy",
     "Hole",
     "Host",
@@ -47,14 +54,15 @@ __all__ = [
     "InferenceError",
     "InferenceResult",
     "KernelConfig",
+    "MAX_BATCH_PARTICLES",
+    "MCMC",
     "Observe",
+    "ParticleGibbs",
     "Progress",
     "RESAMPLERS",
     "Resampler",
     "SMC",
-    "STRATEGIES",
-    "Sample",
-    "SampleStrategy",
+    "Sampling",
     "SegmentProgram",
     "Strategy",
     "TRACE_COUNTS",
@@ -66,7 +74,8 @@ __all__ = [
     "multinomial",
     "residual",
     "run",
+    "run_rows",
     "stratified",
     "systematic",
-    "with_options",
+    "tally",
 ]

@@ -1,15 +1,21 @@
-"""The driver: walks a :class:`~lmprog.inference.program.SegmentProgram` on the host, running the jitted
-kernels for each segment, and assembles an :class:`~lmprog.inference.result.InferenceResult`.
+"""The engine's building blocks: set a run up, walk the program's segments, assemble the result.
 
-Per run::
+Strategies (:mod:`lmprog.inference.strategies`) are algorithms written on these blocks; the engine knows
+none of them. Per run::
 
-    shared prefix (leading static Text/Observe) -> prefill once, batch 1 -> broadcast to P particles
-    for each later segment:
+    setup:    shared prefix (leading static Text/Observe) -> prefilled once, batch 1 -> broadcast to P particles;
+              prompt text that is the same within each group -> prefilled once per distinct text (batch mode)
+    walk:     for each later segment, the walker of its kind:
         Text / Observe -> kernels.feed (one batched LM call per <= 64 tokens)
         Hole           -> kernels.begin_hole, then kernels.hole_chunk until every particle is done
                           (the token loop is a lax.while_loop on the device; one host sync per chunk)
         Host           -> one Python call for all particles (HostView), kernels.add_log_weight
         if every particle is dead -> InferenceError naming the segment
+    assemble: particles -> InferenceResult
+
+A walk runs every particle through every segment unless a :class:`Control` says otherwise: MCMC moves
+(:mod:`lmprog.inference.moves`) freeze particles before their cut, resume them inside a hole, stop at a hole
+step, or replay recorded host work; the walkers only see the resulting :class:`Part` masks.
 
 Host syncs happen only at segment boundaries and chunk ends, never per token.
 """
@@ -38,11 +44,10 @@ from lmprog.inference.program import (
     SegmentProgram,
     Text,
 )
-from lmprog.inference.result import InferenceResult, _logsumexp
+from lmprog.inference.result import InferenceResult, logsumexp
 from lmprog.inference.state import Consts, HoleParams, RunState, init_particles
-from lmprog.inference.strategies import MCMC, BestOf, ParticleGibbs, Strategy, Vote
 
-__all__ = ["run", "Progress"]
+__all__ = ["Control", "Part", "Progress", "Run", "Setup", "assemble", "run", "setup", "simulate", "walk"]
 
 FEED_CHUNK = 64  # forced tokens per batched LM call (bounds the [P, T, V] logits of observed text)
 PREFILL_CHUNK = 256  # prompt tokens per prefill call (batch 1)
@@ -59,6 +64,44 @@ class Progress:
     active: int  # particles still generating
 
 
+def run(lm, program: SegmentProgram, strategy, *, seed: int = 0, key: jax.Array | None = None, groups: int = 1,
+        chunk: int = 32, progress: Callable[[Progress], None] | None = None) -> InferenceResult:
+    """Run ``program`` on ``lm`` with ``strategy`` (any :class:`~lmprog.inference.strategies.Strategy`).
+
+    Args:
+        lm: a :class:`~lmprog.backends.base.LanguageModel`.
+        program: the segment program.
+        strategy: runs itself (``strategy.run``) on the blocks of this module.
+        seed / key: the PRNG seed, or an explicit JAX key (wins). Same key and options -> same result.
+        groups: ``G`` independent copies of the strategy in one batch (``G x particles`` rows; resampling
+            within a group); each group has its own log-evidence estimate. Batch mode runs a row per group.
+        chunk: decode steps per device call (the host checks progress between chunks).
+        progress: called with a :class:`Progress` after every chunk.
+
+    Raises:
+        InferenceError: every particle (of every group) died; names the segment's label.
+    """
+    t_start = time.perf_counter()
+    strategy.validate()
+    if groups != 1 and not strategy.groupable:
+        raise ValueError(f"{strategy.name} runs a single group")
+    key = key if key is not None else jax.random.key(seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+        result = strategy.run(lm, program, key=key, groups=groups, chunk=chunk, progress=progress)
+    result.stats["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def simulate(lm, program: SegmentProgram, strategy, cfg, *, key, groups: int = 1, progress=None) -> InferenceResult:
+    """One pass of weighted particles through the whole program with the kernels of ``cfg``."""
+    t_start = time.perf_counter()
+    r, state, s = setup(lm, program, strategy, cfg, groups, key, progress)
+    state, s = prefill_group_text(r, state, s)
+    state = walk(r, state, s)
+    return assemble(r, state, s, t_start)
+
+
 def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
@@ -67,11 +110,19 @@ def _round_up(n: int, m: int) -> int:
     return -(-int(n) // m) * m
 
 
+# ------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------
+
+
 @dataclass
-class _Run:
+class Run:
+    """What a run keeps on the host around the device state: the model, program, strategy and kernels, the
+    per-particle host data (``let`` values, ``sample`` draws), the ESS history and the compile time."""
+
     lm: object
     program: SegmentProgram
-    strategy: Strategy
+    strategy: object
     kern: Kernels
     consts: Consts
     groups: int
@@ -87,7 +138,16 @@ class _Run:
     def num(self) -> int:
         return self.groups * self.n
 
+    def fork(self, kern: Kernels) -> "Run":
+        """The same run with other kernels, its own ESS history and no progress reports (MCMC proposals);
+        host data and snapshots are shared. :meth:`join` takes the fork's data and compile time back."""
+        return replace(self, kern=kern, progress=None, ess=[])
+
+    def join(self, fork: "Run") -> None:
+        self.data, self.compile_s = fork.data, fork.compile_s
+
     def call(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``; its time counts as compile time if it traced a kernel."""
         before = sum(TRACE_COUNTS.values())
         t = time.perf_counter()
         out = fn(*args, **kwargs)
@@ -99,9 +159,9 @@ class _Run:
 
     def sync_data(self, state: RunState) -> RunState:
         """Align ``data`` with the particles (follow resampling since the last sync)."""
-        return self._align_data(state, np.asarray(jax.device_get(state.particles.origin)))
+        return self.align_data(state, np.asarray(jax.device_get(state.particles.origin)))
 
-    def _align_data(self, state: RunState, origin) -> RunState:
+    def align_data(self, state: RunState, origin) -> RunState:
         """``data[i]`` becomes a copy of the data of particle ``origin[i]``; origins restart from here."""
         if self.data is None:
             self.data = [{} for _ in range(self.num)]
@@ -120,7 +180,7 @@ class _Run:
         pp = state.particles
         tokens, lengths, spans, causes, origin, hole_logp = jax.device_get(
             (pp.tokens, pp.length, pp.spans, pp.cause, pp.origin, pp.hole_logp))
-        state = self._align_data(state, origin)
+        state = self.align_data(state, origin)
         holes = self.program.holes
         view = HostView(
             tokens=[[int(t) for t in tokens[i, : lengths[i]]] for i in range(self.num)],
@@ -144,55 +204,142 @@ class _Run:
     # ---- deaths ----------------------------------------------------------------------------------
 
     def check_alive(self, state: RunState, seg_index: int, seg) -> None:
+        """Raise :class:`InferenceError` naming segment ``seg`` if no particle is alive after it."""
         causes = np.asarray(jax.device_get(state.particles.cause))
         if np.any(causes == 0):
             return
         counts = {Cause(int(c)): int(k) for c, k in zip(*np.unique(causes, return_counts=True)) if c != Cause.UNUSED}
-        what = (
-            f"hole {seg.name!r}" if isinstance(seg, Hole) else {Text: "text", Observe: "observe", Host: "host step"}[type(seg)]
-        )
         reasons = "; ".join(f"{k} x {CAUSE_TEXT.get(c, c.name)}" for c, k in sorted(counts.items()))
         where = f" at {seg.label}" if seg.label else ""
         raise InferenceError(
-            f"every particle died in {what}{where} ({reasons})",
+            f"every particle died in {_describe(seg)}{where} ({reasons})",
             label=seg.label,
             segment=seg_index,
             causes={c.name.lower(): k for c, k in counts.items()},
         )
 
 
-def _forced_rows(run: _Run, state: RunState, seg) -> tuple[RunState, list[list[int]]]:
-    if seg.tokens is not None:
-        return state, [list(seg.tokens)] * run.num
-    state, view = run.view(state)
-    rows = seg.render(view)
-    rows = [[int(t) for t in r] for r in rows]
-    if len(rows) != run.num:
-        raise ValueError(f"{seg.label or type(seg).__name__}: render returned {len(rows)} rows for {run.num} particles")
-    longest = max((len(r) for r in rows), default=0)
-    if longest > seg.max_tokens:
-        raise ValueError(f"{seg.label or type(seg).__name__}: rendered {longest} tokens, more than max_tokens={seg.max_tokens}")
-    return state, rows
+def _describe(seg) -> str:
+    return f"hole {seg.name!r}" if type(seg) is Hole else {Text: "text", Observe: "observe", Host: "host step"}[type(seg)]
 
 
-def _feed(run: _Run, state: RunState, rows: list[list[int]], observe: bool, pos_bound: int, cache_len: int):
-    """Feed per-particle forced tokens in chunks of FEED_CHUNK columns. Returns (state, new pos_bound)."""
-    longest = max((len(r) for r in rows), default=0)
-    for c0 in range(0, longest, FEED_CHUNK):
-        width = min(FEED_CHUNK, longest - c0)
-        tpad = min(_pow2(width, 8), cache_len - pos_bound)
-        toks = np.zeros((run.num, tpad), np.int32)
-        lens = np.zeros((run.num,), np.int32)
-        for i, r in enumerate(rows):
-            part = r[c0 : c0 + width]
-            toks[i, : len(part)] = part
-            lens[i] = len(part)
-        state = run.call(run.kern.feed, run.lm.params, run.consts, state, jnp.asarray(toks), jnp.asarray(lens), observe=observe)
-        pos_bound += width
-    return state, pos_bound
+@dataclass
+class Setup:
+    """What :func:`setup` computed once per run: the shared prefix (tokens, log-probability of its observed
+    part, prefill calls), the first segment to walk, the KV cache length, the terminator slack of holes and
+    the position bound at the first segment."""
+
+    prefix: list[int]
+    prefix_lp: float
+    n_prefill: int
+    first: int
+    cache_len: int
+    slack: int
+    pos0: int
 
 
-def _prefill(run: _Run, cache, feed: list[int], targets: list[int], observed: list[bool], position: int,
+def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress) -> tuple[Run, RunState, Setup]:
+    """Kernels, constants, the shared prefix prefilled once and broadcast, fresh particles."""
+    kern = get_kernels(lm, cfg)
+    n = strategy.num_particles
+    num = groups * n
+    tok = lm.tokenizer
+
+    v = program.vocab
+    if v > int(lm.vocab_size):
+        raise ValueError(f"the program's token table has {v} columns but the model has {lm.vocab_size} logits")
+    consts = Consts(
+        table=program.table,
+        temperature=jnp.float32(strategy.temperature),
+        ess_threshold=jnp.float32(getattr(strategy, "ess", 0.0)),
+    )
+    # Tokens a hole may take beyond its tokens(X) budget: its terminator (>= 1 byte per token) or an EOS.
+    slack = program.table.max_pending() + 1
+    r = Run(lm, program, strategy, kern, consts, groups, n, progress)
+
+    # ---- the shared prefix --------------------------------------------------------------------------
+    segs = program.segments
+    i0 = 0
+    prefix: list[int] = []
+    observed: list[bool] = []
+    prefix_labels: list[str] = []
+    while i0 < len(segs) and type(segs[i0]) in (Text, Observe) and segs[i0].tokens is not None:
+        is_observe = type(segs[i0]) is Observe
+        prefix += list(segs[i0].tokens)
+        observed += [is_observe] * len(segs[i0].tokens)
+        if is_observe:
+            prefix_labels.append(segs[i0].label)
+        i0 += 1
+    if not prefix or observed[0]:
+        if tok.bos_id is None:
+            raise ValueError("the program must start with prompt text: the model has no BOS token to condition on")
+        prefix = [int(tok.bos_id)] + prefix
+        observed = [False] + observed
+    t0 = len(prefix)
+    r.prefix_text = tok.decode(prefix, skip_special=True)
+
+    sizes = [_room(seg, strategy, slack) for seg in segs[i0:]]
+    need = t0 + sum(sizes)
+    max_ctx = int(getattr(lm, "max_context", need + 1))
+    if need > max_ctx:
+        raise ValueError(f"the program needs up to {need} tokens of context; {lm.name} supports {max_ctx}")
+    buf_len = _round_up(max(1, sum(sizes)), 32)
+    # Attention cost grows with the cache length: no slack beyond what the program can use (forced-text
+    # blocks are padded only up to the room left, see _feed).
+    cache_len = min(max_ctx, _round_up(need + 1, 16))
+
+    prefix_lp, cache1, n_prefill = _prefill(r, lm.init_cache(1, cache_len), prefix[:-1], prefix[1:], observed[1:], 0,
+                                            cache_len)
+    prefix_lp = float(prefix_lp)
+    if not prefix_lp > -math.inf:
+        raise InferenceError(
+            f"the observed prompt text has probability 0 at {'; '.join(prefix_labels)}",
+            label="; ".join(prefix_labels),
+            segment=0,
+            causes={"observe": num},
+        )
+    cache = lm.broadcast(cache1, num)
+    del cache1
+
+    parts = init_particles(num, buf_len, len(program.holes), prefix[-1], t0 - 1, num_segments=len(segs) + 1,
+                           trace=cfg.trace)
+    lw0 = prefix_lp if (cfg.weighted or cfg.select == "beam") else 0.0
+    lw = np.full((num,), lw0, np.float32)
+    sc = np.full((num,), prefix_lp, np.float32)
+    cause = np.zeros((num,), np.int32)
+    if cfg.select == "beam":  # identical copies: only beam 0 is a real candidate at the start
+        lw[1:] = sc[1:] = -np.inf
+        cause[1:] = int(Cause.UNUSED)
+    parts = parts._replace(log_weight=jnp.asarray(lw), score=jnp.asarray(sc), cause=jnp.asarray(cause),
+                           lw_total=jnp.asarray(lw))
+    state = RunState(
+        particles=parts,
+        cache=cache,
+        log_z=jnp.zeros((groups,), jnp.float32),
+        key=key,
+        n_tokens=jnp.int32(0),
+        n_forward=jnp.int32(0),
+    )
+    s = Setup(prefix=prefix, prefix_lp=prefix_lp, n_prefill=n_prefill, first=i0, cache_len=cache_len, slack=slack,
+              pos0=t0 - 1)
+    return r, state, s
+
+
+def _room(seg, strategy, slack: int) -> int:
+    """Token slots a segment may take in a particle's buffer and cache."""
+    if type(seg) in (Text, Observe):
+        return len(seg.tokens) if seg.tokens is not None else int(seg.max_tokens)
+    if type(seg) is Hole:
+        return budget(seg, strategy) + slack
+    return 0
+
+
+def budget(hole: Hole, strategy) -> int:
+    """A hole's token budget: its own ``tokens(X) <= N``, else the strategy's ``max_tokens``."""
+    return int(hole.max_tokens if hole.max_tokens is not None else strategy.max_tokens)
+
+
+def _prefill(run: Run, cache, feed: list[int], targets: list[int], observed: list[bool], position: int,
              cache_len: int):
     """Feed ``feed`` into a one-row ``cache`` from ``position`` on, in chunks of ``PREFILL_CHUNK``. Returns the
     summed log-probability of ``targets`` where ``observed`` (``targets[t]`` follows ``feed[t]``), the cache and
@@ -215,7 +362,7 @@ def _prefill(run: _Run, cache, feed: list[int], targets: list[int], observed: li
     return lp, cache, calls
 
 
-def _group_prefix(run: _Run, state: RunState, setup: _Setup) -> tuple[RunState, _Setup]:
+def prefill_group_text(run: Run, state: RunState, s: Setup) -> tuple[RunState, Setup]:
     """Prefill prompt text that is the same for every particle of a group once per distinct text.
 
     The leading :class:`Text` segments after the shared prefix whose rows are the same for every particle of
@@ -225,16 +372,17 @@ def _group_prefix(run: _Run, state: RunState, setup: _Setup) -> tuple[RunState, 
     the same as after feeding them (the tokens go into the particles' buffers, positions advance): only the
     LM work is shared, and the prefill kernel already compiled for the shared prefix is reused. Stops at the
     first segment whose rows differ within a group and at ``Observe`` (scored: fed as usual). Returns the
-    state and the setup with ``first`` moved past the segments it consumed.
+    state and the setup with ``first`` moved past the segments it consumed. Not for traced runs (MCMC moves
+    resume at segment starts, so every segment is kept).
     """
     segs = run.program.segments
-    prefix, t0, num, n = setup.prefix, len(setup.prefix), run.num, run.n
-    j = setup.first
-    if run.kern.cfg.trace:  # MCMC moves resume at segment starts: keep every segment
-        return state, setup
+    prefix, t0, num, n = s.prefix, len(s.prefix), run.num, run.n
+    j = s.first
+    if run.kern.cfg.trace:
+        return state, s
     ext: list[list[int]] = [[] for _ in range(run.groups)]
     while j < len(segs) and type(segs[j]) is Text:
-        state, rows = _forced_rows(run, state, segs[j])
+        state, rows = forced_rows(run, state, segs[j])
         if any(rows[i] != rows[i - i % n] for i in range(num)):
             break
         for g in range(run.groups):
@@ -249,8 +397,8 @@ def _group_prefix(run: _Run, state: RunState, setup: _Setup) -> tuple[RunState, 
         p = p._replace(tokens=jnp.asarray(toks), length=jnp.asarray(lens), last=jnp.asarray(last),
                        position=jnp.asarray(lens + np.int32(t0 - 1)))
         state = state._replace(particles=p)
-    if j == setup.first:
-        return state, setup
+    if j == s.first:
+        return state, s
     cache1 = jax.tree.map(lambda x: x[:1], state.cache)  # every row holds the shared prefix
     calls = 0
     unique: dict[tuple, int] = {}
@@ -260,7 +408,7 @@ def _group_prefix(run: _Run, state: RunState, setup: _Setup) -> tuple[RunState, 
             continue
         unique[e] = len(caches)
         _, cache, k = _prefill(run, cache1, [prefix[-1]] + list(e[:-1]), list(e), [False] * len(e), t0 - 1,
-                               setup.cache_len)
+                               s.cache_len)
         calls += k
         caches.append(cache)
     if len(caches) == 1:
@@ -268,11 +416,131 @@ def _group_prefix(run: _Run, state: RunState, setup: _Setup) -> tuple[RunState, 
     else:
         cat = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *caches)
         cache = run.lm.reorder(cat, jnp.asarray(np.repeat([unique[tuple(e)] for e in ext], n).astype(np.int32)))
-    setup = replace(setup, first=j, pos0=t0 - 1 + max(len(e) for e in ext), n_prefill=setup.n_prefill + calls)
-    return state._replace(cache=cache), setup
+    s = replace(s, first=j, pos0=t0 - 1 + max(len(e) for e in ext), n_prefill=s.n_prefill + calls)
+    return state._replace(cache=cache), s
 
 
-def _hole_params(run: _Run, state: RunState, h: int, hole: Hole, budget: int, slack: int) -> tuple[RunState, HoleParams]:
+# ------------------------------------------------------------------------------------------------------
+# Walking the segments
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Part:
+    """Which particles do what in one segment of a walk.
+
+    ``running [P]``: run the segment from its start (the others keep their state, KV cache included).
+    ``resume [P]`` (holes): continue inside this hole just before token ``resume_at[i]`` (an MCMC cut; the
+    state there is in the particle's trace). ``pause``: particles idle once they have ``pause`` tokens of this
+    hole (``None``: no pause). ``replay [P]``: these particles replay host data and host log-weights recorded
+    in their trace (particle Gibbs' reference).
+    """
+
+    running: np.ndarray
+    resume: np.ndarray | None = None
+    resume_at: np.ndarray | None = None
+    pause: int | None = None
+    replay: np.ndarray | None = None
+
+    @property
+    def everyone(self) -> bool:
+        return bool(self.running.all()) and self.resume is None and self.replay is None
+
+
+class Control:
+    """Who runs which segment of a :func:`walk`. This base class runs every particle through everything;
+    MCMC moves subclass it (:mod:`lmprog.inference.moves`)."""
+
+    def enter(self, run: Run, state: RunState, s: "Setup", j: int) -> tuple[RunState, Part]:
+        """Before segment ``j``: the state (particles may be moved back to a cut) and the :class:`Part`."""
+        return state, Part(running=np.ones((run.num,), bool))
+
+    def after(self, j: int) -> bool:
+        """Whether the walk ends after segment ``j``."""
+        return False
+
+    def at_end(self, run: Run) -> np.ndarray:
+        """``[P]`` particles whose end of program is recorded in their trace."""
+        return np.ones((run.num,), bool)
+
+
+EVERYONE = Control()
+
+
+def walk(run: Run, state: RunState, s: Setup, control: Control = EVERYONE, *, check: bool = True,
+         on_resample: Callable | None = None) -> RunState:
+    """Run the program's segments after the shared prefix, each with the walker of its kind.
+
+    With ``check``, every particle dying in a segment raises :class:`InferenceError` naming it. With
+    ``on_resample(state, segment index, steps) -> state``, it is called inside holes after every decode
+    step that resampled (the kernels end their chunk there: ``KernelConfig.stop_on_resample``).
+    """
+    segs = run.program.segments
+    tracing = run.kern.cfg.trace
+    pos_bound = s.pos0
+    for j in range(s.first, len(segs)):
+        seg = segs[j]
+        state, part = control.enter(run, state, s, j)
+        if tracing and part.running.any():
+            # A replaying particle's snapshots are those of the execution it replays (the next segment's
+            # is read back at host steps), so they are not overwritten.
+            state = snapshot(run, state, j, part.running if part.replay is None else part.running & ~part.replay)
+        state, pos_bound = WALKERS[type(seg)](run, state, s, j, seg, part, pos_bound, check, on_resample)
+        if control.after(j):
+            break
+    else:
+        if tracing:  # the end of the program: Trace slot len(segs)
+            state = snapshot(run, state, len(segs), control.at_end(run))
+    return state
+
+
+def forced_rows(run: Run, state: RunState, seg) -> tuple[RunState, list[list[int]]]:
+    """Each particle's tokens for a Text/Observe segment (static, or rendered from a host view)."""
+    if seg.tokens is not None:
+        return state, [list(seg.tokens)] * run.num
+    state, view = run.view(state)
+    rows = seg.render(view)
+    rows = [[int(t) for t in r] for r in rows]
+    if len(rows) != run.num:
+        raise ValueError(f"{seg.label or type(seg).__name__}: render returned {len(rows)} rows for {run.num} particles")
+    longest = max((len(r) for r in rows), default=0)
+    if longest > seg.max_tokens:
+        raise ValueError(f"{seg.label or type(seg).__name__}: rendered {longest} tokens, more than max_tokens={seg.max_tokens}")
+    return state, rows
+
+
+def _walk_forced(run: Run, state: RunState, s: Setup, j: int, seg, part: Part, pos_bound: int, check: bool, _):
+    """Text (conditioned on) and Observe (scored): feed each running particle its rows."""
+    state, rows = forced_rows(run, state, seg)
+    if not part.everyone:
+        rows = [row if part.running[i] else [] for i, row in enumerate(rows)]
+    observe = type(seg) is Observe
+    state, pos_bound = _feed(run, state, rows, observe, pos_bound, s.cache_len)
+    if observe and check:
+        run.check_alive(state, j, seg)
+    return state, pos_bound
+
+
+def _feed(run: Run, state: RunState, rows: list[list[int]], observe: bool, pos_bound: int, cache_len: int):
+    """Feed per-particle forced tokens in chunks of FEED_CHUNK columns. Returns (state, new pos_bound)."""
+    longest = max((len(r) for r in rows), default=0)
+    for c0 in range(0, longest, FEED_CHUNK):
+        width = min(FEED_CHUNK, longest - c0)
+        tpad = min(_pow2(width, 8), cache_len - pos_bound)
+        toks = np.zeros((run.num, tpad), np.int32)
+        lens = np.zeros((run.num,), np.int32)
+        for i, r in enumerate(rows):
+            chunk = r[c0 : c0 + width]
+            toks[i, : len(chunk)] = chunk
+            lens[i] = len(chunk)
+        state = run.call(run.kern.feed, run.lm.params, run.consts, state, jnp.asarray(toks), jnp.asarray(lens),
+                         observe=observe)
+        pos_bound += width
+    return state, pos_bound
+
+
+def hole_params(run: Run, state: RunState, h: int, hole: Hole, budget_: int, slack: int) -> tuple[RunState, HoleParams]:
+    """The traced parameters of hole ``hole`` (index ``h``): per-particle start states, budget, hard cap."""
     num = run.num
     s_total = run.program.num_states
     if callable(hole.start):
@@ -284,363 +552,143 @@ def _hole_params(run: _Run, state: RunState, h: int, hole: Hole, budget: int, sl
         start = np.full((num,), int(hole.start))
     if np.any(start >= s_total) or np.any(start < -1):
         raise ValueError(f"hole {hole.name!r}: start state out of range [0, {s_total})")
-    i32 = lambda x: jnp.full((num,), x, jnp.int32)  # noqa: E731
     hp = HoleParams(
         start=jnp.asarray(start, jnp.int32),
-        hole=i32(h),
-        max_tokens=jnp.int32(budget),
-        max_steps=jnp.int32(budget + slack),
+        hole=jnp.full((num,), h, jnp.int32),
+        max_tokens=jnp.int32(budget_),
+        max_steps=jnp.int32(budget_ + slack),
         pause=jnp.int32(BIG),
     )
     return state, hp
 
 
-def _budget(hole: Hole, strategy: Strategy) -> int:
-    return int(hole.max_tokens if hole.max_tokens is not None else strategy.max_tokens)
+def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Part, pos_bound: int, check: bool,
+               on_resample):
+    """Generate the hole for every running particle: the device token loop, one chunk per call."""
+    num, kern = run.num, run.kern
+    h = run.program.hole_index(seg.name)
+    budget_ = budget(seg, run.strategy)
+    state, hp = hole_params(run, state, h, seg, budget_, s.slack)
+    if not part.everyone:
+        hp = hp._replace(start=jnp.where(jnp.asarray(part.running), hp.start, -1))
+    if part.pause is not None:
+        hp = hp._replace(pause=jnp.int32(part.pause))
+    state = run.call(kern.begin_hole, state, hp)
+    if part.resume is not None and part.resume.any():
+        state = run.call(kern.resume_hole, state, jnp.asarray(part.resume), jnp.asarray(part.resume_at, jnp.int32),
+                         jnp.full((num,), h, jnp.int32), jnp.int32(s.prefix[-1]))
+    steps_done = 0
+    # A predicate on every prefix (h.pred(X, prefix=true)) is a host call after every token.
+    step_kern = kern if seg.prefix_check is None else get_kernels(run.lm, replace(kern.cfg, chunk=1))
+    while True:
+        state, ess_buf, res_buf, steps, active = run.call(step_kern.hole_chunk, run.lm.params, run.consts, hp, state)
+        if seg.prefix_check is not None and steps:
+            state, view = run.view(state)
+            ok = np.asarray(seg.prefix_check(view), bool).reshape(-1)
+            if ok.shape != (num,):
+                raise ValueError(f"hole {seg.name!r}: prefix_check returned {ok.shape[0]} values for {num} particles")
+            if not ok.all():
+                state = run.call(kern.add_log_weight, state, jnp.asarray(np.where(ok, 0.0, -np.inf), jnp.float32))
+                active = int(jnp.sum(Kernels.running(state.particles, hp)))
+        steps, active = int(steps), int(active)
+        steps_done += steps
+        run.ess.append((ess_buf, res_buf, steps))
+        if run.progress is not None:
+            run.progress(Progress(seg.name, steps_done, budget_, active))
+        if active and on_resample is not None and steps and bool(np.asarray(res_buf[steps - 1]).any()):
+            state = on_resample(state, j, steps_done)
+        if active == 0:
+            break
+        if steps_done > budget_ + s.slack + 1:  # pragma: no cover - the budget rule guarantees termination
+            raise RuntimeError(f"hole {seg.name!r} did not finish within its budget of {budget_} tokens")
+    pos_bound += budget_ + s.slack
+    if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
+        state = run.call(kern.refine_causes, run.consts, hp, state)
+    if check:
+        run.check_alive(state, j, seg)
+    return state, pos_bound
 
 
-@dataclass
-class Plan:
-    """Which part of the program each particle runs in a :func:`walk` (MCMC moves; ``None``: everything).
-
-    Particle ``i`` is *frozen* (left exactly as it is, KV cache included) before segment ``seg[i]``; at
-    ``seg[i]`` it resumes: at the segment's start (``tok[i] < 0``, state recorded by the last walk's
-    snapshot) or, in a hole, just before token ``tok[i]`` (recorded in its trace); from there on it runs
-    normally. ``seg[i]`` past the last segment freezes it throughout.
-
-    ``stop = (j, k)`` ends the walk inside hole segment ``j`` once particles have ``k`` tokens of it (the
-    SMC time at which a rejuvenation move targets the intermediate distribution).
-    """
-
-    seg: np.ndarray
-    tok: np.ndarray
-    stop: tuple[int, int] | None = None
-
-
-@dataclass
-class _Setup:
-    prefix: list[int]
-    prefix_lp: float
-    n_prefill: int
-    first: int  # index of the first segment after the shared prefix
-    cache_len: int
-    slack: int
-    pos0: int  # pos_bound at the first segment
-
-
-def _setup(lm, program: SegmentProgram, base: Strategy, cfg, groups: int, key, progress) -> tuple[_Run, RunState, _Setup]:
-    """Kernels, constants, the shared prefix prefilled once and broadcast, fresh particles."""
-    kern = get_kernels(lm, cfg)
-    n = base.num_particles
-    num = groups * n
-    tok = lm.tokenizer
-
-    v = program.vocab
-    if v > int(lm.vocab_size):
-        raise ValueError(f"the program's token table has {v} columns but the model has {lm.vocab_size} logits")
-    consts = Consts(
-        table=program.table,
-        temperature=jnp.float32(base.temperature),
-        ess_threshold=jnp.float32(getattr(base, "ess", 0.0)),
-    )
-    pending = np.asarray(jax.device_get(program.table.pending))
-    # Tokens a hole may take beyond its tokens(X) budget: its terminator (>= 1 byte per token) or an EOS.
-    slack = int(pending.max(initial=0)) + 1
-    r = _Run(lm, program, base, kern, consts, groups, n, progress)
-
-    # ---- the shared prefix --------------------------------------------------------------------------
-    segs = program.segments
-    i0 = 0
-    prefix: list[int] = []
-    observed: list[bool] = []
-    prefix_labels: list[str] = []
-    while i0 < len(segs) and isinstance(segs[i0], (Text, Observe)) and segs[i0].tokens is not None:
-        prefix += list(segs[i0].tokens)
-        observed += [isinstance(segs[i0], Observe)] * len(segs[i0].tokens)
-        if isinstance(segs[i0], Observe):
-            prefix_labels.append(segs[i0].label)
-        i0 += 1
-    if not prefix or observed[0]:
-        if tok.bos_id is None:
-            raise ValueError("the program must start with prompt text: the model has no BOS token to condition on")
-        prefix = [int(tok.bos_id)] + prefix
-        observed = [False] + observed
-    t0 = len(prefix)
-    r.prefix_text = tok.decode(prefix, skip_special=True)
-
-    rest = segs[i0:]
-    sizes = []
-    for seg in rest:
-        if isinstance(seg, (Text, Observe)):
-            sizes.append(len(seg.tokens) if seg.tokens is not None else int(seg.max_tokens))
-        elif isinstance(seg, Hole):
-            sizes.append(_budget(seg, base) + slack)
-        else:
-            sizes.append(0)
-    need = t0 + sum(sizes)
-    max_ctx = int(getattr(lm, "max_context", need + 1))
-    if need > max_ctx:
-        raise ValueError(f"the program needs up to {need} tokens of context; {lm.name} supports {max_ctx}")
-    buf_len = _round_up(max(1, sum(sizes)), 32)
-    # Attention cost grows with the cache length: no slack beyond what the program can use (forced-text
-    # blocks are padded only up to the room left, see _feed).
-    cache_len = min(max_ctx, _round_up(need + 1, 16))
-    holes = program.holes
-
-    prefix_lp, cache1, n_prefill = _prefill(r, lm.init_cache(1, cache_len), prefix[:-1], prefix[1:], observed[1:], 0,
-                                            cache_len)
-    prefix_lp = float(prefix_lp)
-    if not prefix_lp > -math.inf:
-        raise InferenceError(
-            f"the observed prompt text has probability 0 at {'; '.join(prefix_labels)}",
-            label="; ".join(prefix_labels),
-            segment=0,
-            causes={"observe": num},
-        )
-    cache = lm.broadcast(cache1, num)
-    del cache1
-
-    parts = init_particles(num, buf_len, len(holes), prefix[-1], t0 - 1, num_segments=len(segs) + 1, trace=cfg.trace)
-    lw0 = prefix_lp if (cfg.weighted or cfg.select == "beam") else 0.0
-    lw = np.full((num,), lw0, np.float32)
-    sc = np.full((num,), prefix_lp, np.float32)
-    cause = np.zeros((num,), np.int32)
-    if cfg.select == "beam":  # identical copies: only beam 0 is a real candidate at the start
-        lw[1:] = sc[1:] = -np.inf
-        cause[1:] = int(Cause.UNUSED)
-    parts = parts._replace(log_weight=jnp.asarray(lw), score=jnp.asarray(sc), cause=jnp.asarray(cause),
-                           lw_total=jnp.asarray(lw))
-    state = RunState(
-        particles=parts,
-        cache=cache,
-        log_z=jnp.zeros((groups,), jnp.float32),
-        key=key,
-        n_tokens=jnp.int32(0),
-        n_forward=jnp.int32(0),
-    )
-    setup = _Setup(prefix=prefix, prefix_lp=prefix_lp, n_prefill=n_prefill, first=i0, cache_len=cache_len,
-                   slack=slack, pos0=t0 - 1)
-    return r, state, setup
+def _walk_host(run: Run, state: RunState, s: Setup, j: int, seg: Host, part: Part, pos_bound: int, check: bool, _):
+    """One batched Python call for all particles; its log-weight increments go to the running ones."""
+    num = run.num
+    state, view = run.view(state)
+    key, view.key = jax.random.split(state.key)
+    state = state._replace(key=key)
+    keep = {} if part.everyone else {int(i): dict(run.data[i]) for i in np.flatnonzero(~part.running)}
+    inc = seg.fn(view)
+    for i, d in keep.items():
+        run.data[i] = d
+    if inc is not None:
+        inc = np.asarray(inc, np.float32).reshape(-1)
+        if inc.shape != (num,):
+            raise ValueError(f"{seg.label or 'host step'}: returned {inc.shape[0]} values for {num} particles")
+        if np.isnan(inc).any() or np.isposinf(inc).any():
+            raise ValueError(f"{seg.label or 'host step'}: log-weight increments must be finite or -inf")
+        if keep:
+            inc = np.where(part.running, inc, np.float32(0.0))
+    if part.replay is not None and part.replay.any():
+        seg_lw, seg_data = jax.device_get((state.particles.trace.seg_log_weight[:, j : j + 2],
+                                           state.particles.trace.seg_data[:, j + 1]))
+        inc = np.zeros((num,), np.float32) if inc is None else inc
+        for i in np.flatnonzero(part.replay):
+            run.data[i] = dict(run.registry[int(seg_data[i])])
+            inc[i] = seg_lw[i, 1] - seg_lw[i, 0]
+    if inc is not None:
+        state = run.call(run.kern.add_log_weight, state, jnp.asarray(inc))
+        if check:
+            run.check_alive(state, j, seg)
+    return state, pos_bound
 
 
-def walk(r: _Run, state: RunState, setup: _Setup, plan: Plan | None = None, *, check: bool = True,
-         rejuvenate: Callable | None = None, replay: np.ndarray | None = None) -> RunState:
-    """Run the program's segments after the shared prefix for every particle (or as ``plan`` says).
-
-    With ``check``, every particle dying in a segment raises :class:`InferenceError` naming it. With
-    ``rejuvenate(state, segment index, steps) -> state``, it is called inside holes after every decode
-    step that resampled (the kernels end their chunk there: ``KernelConfig.stop_on_resample``).
-    ``replay [P] bool``: these particles replay the execution recorded in their trace (tokens through
-    ``force_len``; host data and host log-weight increments from the segment snapshots).
-    """
-    base, kern, params, consts = r.strategy, r.kern, r.lm.params, r.consts
-    num = r.num
-    segs = r.program.segments
-    hole_index = {id(h): k for k, h in enumerate(r.program.holes)}
-    tracing = kern.cfg.trace
-    prefix_last = jnp.int32(setup.prefix[-1])
-    pos_bound = setup.pos0
-    for j in range(setup.first, len(segs)):
-        seg = segs[j]
-        if plan is not None:
-            if plan.stop is not None and j > plan.stop[0]:
-                break
-            frozen = plan.seg > j
-            here = plan.seg == j
-            at_start = here & (plan.tok < 0)
-            in_hole = here & (plan.tok >= 0)
-            if at_start.any():
-                first_hole = sum(isinstance(s, Hole) for s in segs[:j])
-                state = r.call(kern.resume_segment, state, jnp.asarray(at_start), jnp.int32(j), jnp.int32(first_hole),
-                               prefix_last)
-                ids = np.asarray(jax.device_get(state.particles.trace.seg_data[:, j]))
-                state = r.sync_data(state)
-                for i in np.flatnonzero(at_start):
-                    r.data[i] = dict(r.registry[int(ids[i])])
-            running = ~frozen & ~in_hole
-        else:
-            frozen = in_hole = None
-            running = np.ones((num,), bool)
-        if tracing and running.any():
-            # A replaying particle's snapshots are those of the execution it replays (the next segment's
-            # is read back at host steps), so they are not overwritten.
-            state = _snapshot(r, state, j, running if replay is None else running & ~replay)
-
-        if isinstance(seg, (Text, Observe)):
-            state, rows = _forced_rows(r, state, seg)
-            if frozen is not None:
-                rows = [[] if frozen[i] or in_hole[i] else row for i, row in enumerate(rows)]
-            state, pos_bound = _feed(r, state, rows, isinstance(seg, Observe), pos_bound, setup.cache_len)
-            if isinstance(seg, Observe) and check:
-                r.check_alive(state, j, seg)
-        elif isinstance(seg, Hole):
-            budget = _budget(seg, base)
-            state, hp = _hole_params(r, state, hole_index[id(seg)], seg, budget, setup.slack)
-            stop_here = plan is not None and plan.stop is not None and plan.stop[0] == j
-            if plan is not None:
-                hp = hp._replace(start=jnp.where(jnp.asarray(running), hp.start, -1))
-            if stop_here:
-                hp = hp._replace(pause=jnp.int32(plan.stop[1]))
-            state = r.call(kern.begin_hole, state, hp)
-            if in_hole is not None and in_hole.any():
-                state = r.call(kern.resume_hole, state, jnp.asarray(in_hole), jnp.asarray(plan.tok, jnp.int32),
-                               jnp.full((num,), hole_index[id(seg)], jnp.int32), prefix_last)
-            steps_done = 0
-            # A predicate on every prefix (h.pred(X, prefix=true)) is a host call after every token.
-            step_kern = kern if seg.prefix_check is None else get_kernels(r.lm, replace(kern.cfg, chunk=1))
-            while True:
-                state, ess_buf, res_buf, steps, active = r.call(step_kern.hole_chunk, params, consts, hp, state)
-                if seg.prefix_check is not None and steps:
-                    state, view = r.view(state)
-                    ok = np.asarray(seg.prefix_check(view), bool).reshape(-1)
-                    if ok.shape != (num,):
-                        raise ValueError(f"hole {seg.name!r}: prefix_check returned {ok.shape[0]} values for {num} particles")
-                    if not ok.all():
-                        state = r.call(kern.add_log_weight, state, jnp.asarray(np.where(ok, 0.0, -np.inf), jnp.float32))
-                        active = int(jnp.sum(Kernels.running(state.particles, hp)))
-                steps, active = int(steps), int(active)
-                steps_done += steps
-                r.ess.append((ess_buf, res_buf, steps))
-                if r.progress is not None:
-                    r.progress(Progress(seg.name, steps_done, budget, active))
-                if active and rejuvenate is not None and steps and bool(np.asarray(res_buf[steps - 1]).any()):
-                    state = rejuvenate(state, j, steps_done)
-                if active == 0:
-                    break
-                if steps_done > budget + setup.slack + 1:  # pragma: no cover - the budget rule guarantees termination
-                    raise RuntimeError(f"hole {seg.name!r} did not finish within its budget of {budget} tokens")
-            pos_bound += budget + setup.slack
-            if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
-                state = r.call(kern.refine_causes, consts, hp, state)
-            if check:
-                r.check_alive(state, j, seg)
-            if stop_here:
-                break
-        elif isinstance(seg, Host):
-            state, view = r.view(state)
-            key, view.key = jax.random.split(state.key)
-            state = state._replace(key=key)
-            keep = {int(i): dict(r.data[i]) for i in np.flatnonzero(~running)} if plan is not None else {}
-            inc = seg.fn(view)
-            for i, d in keep.items():
-                r.data[i] = d
-            if inc is not None:
-                inc = np.asarray(inc, np.float32).reshape(-1)
-                if inc.shape != (num,):
-                    raise ValueError(f"{seg.label or 'host step'}: returned {inc.shape[0]} values for {num} particles")
-                if np.isnan(inc).any() or np.isposinf(inc).any():
-                    raise ValueError(f"{seg.label or 'host step'}: log-weight increments must be finite or -inf")
-                if keep:
-                    inc = np.where(running, inc, np.float32(0.0))
-            if replay is not None and replay.any():
-                seg_lw, seg_data = jax.device_get((state.particles.trace.seg_log_weight[:, j : j + 2],
-                                                   state.particles.trace.seg_data[:, j + 1]))
-                inc = np.zeros((num,), np.float32) if inc is None else inc
-                for i in np.flatnonzero(replay):
-                    r.data[i] = dict(r.registry[int(seg_data[i])])
-                    inc[i] = seg_lw[i, 1] - seg_lw[i, 0]
-            if inc is not None:
-                state = r.call(kern.add_log_weight, state, jnp.asarray(inc))
-                if check:
-                    r.check_alive(state, j, seg)
-    else:
-        if tracing:  # the end of the program: Trace slot len(segs)
-            running = np.ones((num,), bool) if plan is None else plan.seg <= len(segs)
-            if replay is not None:
-                running = running & ~replay
-            state = _snapshot(r, state, len(segs), running)
-    return state
+#: The walker of each segment kind.
+WALKERS = {Text: _walk_forced, Observe: _walk_forced, Hole: _walk_hole, Host: _walk_host}
 
 
-def _snapshot(r: _Run, state: RunState, j: int, mask: np.ndarray) -> RunState:
+def snapshot(run: Run, state: RunState, j: int, mask: np.ndarray) -> RunState:
     """Record segment ``j``'s start for the particles in ``mask`` (Trace.seg_*; host data in the registry)."""
-    state = r.sync_data(state)
-    ids = np.full((r.num,), -1, np.int32)
+    state = run.sync_data(state)
+    ids = np.full((run.num,), -1, np.int32)
     for i in np.flatnonzero(mask):
-        ids[i] = r.register(r.data[i])
-    return r.call(r.kern.snapshot, state, jnp.int32(j), jnp.asarray(mask), jnp.asarray(ids))
+        ids[i] = run.register(run.data[i])
+    return run.call(run.kern.snapshot, state, jnp.int32(j), jnp.asarray(mask), jnp.asarray(ids))
 
 
-def run(
-    lm,
-    program: SegmentProgram,
-    strategy: Strategy,
-    *,
-    seed: int = 0,
-    key: jax.Array | None = None,
-    groups: int = 1,
-    chunk: int = 32,
-    progress: Callable[[Progress], None] | None = None,
-) -> InferenceResult:
-    """Run ``program`` on ``lm`` with ``strategy``.
-
-    Args:
-        lm: a :class:`~lmprog.backends.base.LanguageModel`.
-        program: the segment program.
-        strategy: see :mod:`lmprog.inference.strategies`.
-        seed / key: the PRNG seed, or an explicit JAX key (wins). Same key and options -> same result.
-        groups: ``G`` independent copies of the strategy in one batch (``G x particles`` rows; resampling
-            within a group); each group has its own log-evidence estimate. For replicated experiments.
-        chunk: decode steps per device call (the host checks progress between chunks).
-        progress: called with a :class:`Progress` after every chunk.
-
-    Raises:
-        InferenceError: every particle (of every group) died; names the segment's label.
-    """
-    t_start = time.perf_counter()
-    strategy.validate()
-    if isinstance(strategy, (MCMC, ParticleGibbs)) or getattr(strategy, "rejuvenate", 0):
-        from lmprog.inference import mcmc
-
-        return mcmc.run(lm, program, strategy, key=key if key is not None else jax.random.key(seed), groups=groups,
-                        chunk=chunk, progress=progress)
-    post = strategy if isinstance(strategy, (BestOf, Vote)) else None
-    base = strategy.base_strategy() if post is not None else strategy
-    if post is not None and groups != 1:
-        raise ValueError(f"{strategy.name} runs a single group")
-    cfg = base.kernel_config(groups=groups, chunk=chunk)
-    k = key if key is not None else jax.random.key(seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        r, state, setup = _setup(lm, program, base, cfg, groups, k, progress)
-        state, setup = _group_prefix(r, state, setup)
-        state = walk(r, state, setup)
-        result = _assemble(r, state, setup.prefix, setup.prefix_lp, setup.n_prefill, t_start)
-    if post is not None:
-        result = _postprocess(post, result)
-    result.stats["wall_s"] = time.perf_counter() - t_start
-    return result
+# ------------------------------------------------------------------------------------------------------
+# The result
+# ------------------------------------------------------------------------------------------------------
 
 
-def _assemble(r: _Run, state: RunState, prefix, prefix_lp, n_prefill, t_start) -> InferenceResult:
-    g, n = r.groups, r.n
+def assemble(run: Run, state: RunState, s: Setup, t_start: float) -> InferenceResult:
+    """The particles as an :class:`InferenceResult` (absolute log-weights: ``log_z`` folded in)."""
+    g, n = run.groups, run.n
     p = jax.device_get(state.particles)
     log_z_acc, n_tokens, n_forward = jax.device_get((state.log_z, state.n_tokens, state.n_forward))
     shape = lambda a: np.asarray(a).reshape((g, n) + np.asarray(a).shape[1:])  # noqa: E731
     lw = shape(p.log_weight).astype(np.float64)
-    cfg = r.kern.cfg
+    cfg = run.kern.cfg
     if cfg.weighted:
         lw = lw + np.asarray(log_z_acc, np.float64)[:, None]
-        log_z = _logsumexp(lw) - math.log(n)
+        log_z = logsumexp(lw) - math.log(n)
     else:
         log_z = None
-    if r.data is not None:
-        data = [dict(r.data[int(o)]) for o in p.origin]
+    if run.data is not None:
+        data = [dict(run.data[int(o)]) for o in p.origin]
     else:
         data = [{} for _ in range(g * n)]
-    if r.ess:
-        ess = np.concatenate([np.asarray(e)[:k] for e, _, k in r.ess]).reshape(-1, g)
-        res = np.concatenate([np.asarray(d)[:k] for _, d, k in r.ess]).reshape(-1, g)
+    if run.ess:
+        ess = np.concatenate([np.asarray(e)[:k] for e, _, k in run.ess]).reshape(-1, g)
+        res = np.concatenate([np.asarray(d)[:k] for _, d, k in run.ess]).reshape(-1, g)
     else:
         ess, res = np.zeros((0, g)), np.zeros((0, g), bool)
     return InferenceResult(
-        strategy=r.strategy.name,
-        properly_weighted=r.strategy.properly_weighted,
-        options=r.strategy.options(),
-        holes=r.program.holes,
-        tokenizer=r.lm.tokenizer,
-        prefix_text=r.prefix_text,
-        prefix_tokens=list(prefix),
+        strategy=run.strategy.name,
+        properly_weighted=run.strategy.properly_weighted,
+        options=run.strategy.options(),
+        holes=run.program.holes,
+        tokenizer=run.lm.tokenizer,
+        prefix_text=run.prefix_text,
+        prefix_tokens=list(s.prefix),
         tokens=shape(p.tokens),
         lengths=shape(p.length),
         spans=shape(p.spans),
@@ -651,48 +699,19 @@ def _assemble(r: _Run, state: RunState, prefix, prefix_lp, n_prefill, t_start) -
         log_z=log_z,
         ess=ess,
         resampled=res,
-        stats={
-            "tokens": int(n_tokens),
-            "prefill_tokens": len(prefix) - 1,
-            "forward_passes": int(n_forward) + n_prefill,
-            "wall_s": time.perf_counter() - t_start,
-            "compile_s": r.compile_s,
-            "particles": n,
-            "groups": g,
-            "prefix_logprob": prefix_lp,
-        },
+        stats=run_stats(run, state, s, particles=n, groups=g, wall_s=time.perf_counter() - t_start),
         data=[data[k * n : (k + 1) * n] for k in range(g)],
     )
 
 
-def _postprocess(strategy: Strategy, result: InferenceResult) -> InferenceResult:
-    samples = result.samples
-    if isinstance(strategy, BestOf):
-        scores = np.array([float(strategy.score(s)) if s.alive else -np.inf for s in samples])
-        best = scores == np.max(scores)
-        weights = (best / best.sum())[None, :]
-        result.extra["best_of_scores"] = scores
-        result.extra["weights"] = weights
-        result.scores = scores[None, :]
-        result.log_weights = np.where(best, 0.0, -np.inf)[None, :]
-        result.log_z = None
-    else:
-        assert isinstance(strategy, Vote)
-        tally: dict = {}
-        for s in samples:
-            if s.alive and s.weight > 0:
-                kk = strategy.key(s)
-                tally[kk] = tally.get(kk, 0.0) + s.weight
-        total = sum(tally.values())
-        table = sorted(((kk, w / total) for kk, w in tally.items()), key=lambda kv: (-kv[1], repr(kv[0])))
-        result.extra["vote"] = table
-        result.extra["winner"] = table[0][0] if table else None
-        result.extra["key"] = strategy.key
-        if not strategy.properly_weighted:
-            result.log_z = None
-    result.strategy = strategy.name
-    result.properly_weighted = strategy.properly_weighted
-    result.options = strategy.options()
-    result._samples.clear()  # decoded samples and weights are recomputed from the new scores/weights
-    return result
-
+def run_stats(run: Run, state: RunState, s: Setup, **more) -> dict:
+    """The counters every result reports: tokens processed, LM calls, prompt size, compile time."""
+    n_tokens, n_forward = jax.device_get((state.n_tokens, state.n_forward))
+    return {
+        "tokens": int(n_tokens),
+        "prefill_tokens": len(s.prefix) - 1,
+        "forward_passes": int(n_forward) + s.n_prefill,
+        "compile_s": run.compile_s,
+        "prefix_logprob": s.prefix_lp,
+        **more,
+    }

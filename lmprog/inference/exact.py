@@ -81,8 +81,7 @@ def enumerate_program(
     tok = lm.tokenizer
     v = program.vocab
     table = program.table
-    pending = np.asarray(jax.device_get(table.pending))
-    slack = int(pending.max(initial=0)) + 1  # the engine's hard cap: budget + slack tokens per hole
+    slack = table.max_pending() + 1  # the engine's hard cap: budget + slack tokens per hole
 
     @jax.jit
     def expand(state, counts, budget):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lmprog.compiler.automaton import TokenTable
+from lmprog.automata.table import TokenTable
 from lmprog.inference import resampling
 from lmprog.inference.program import Cause
 from lmprog.inference.state import Consts, HoleParams, Particles, RunState
@@ -120,7 +120,7 @@ class Kernels:
         ``targets [1, T]`` where ``observed`` (``targets[t]`` is the prefix token after ``tokens[t]``).
         Without observed tokens the logits are unused and XLA drops the LM head."""
         TRACE_COUNTS["prefill"] += 1
-        v = consts.table.token_class.shape[1]
+        v = consts.table.vocab_size
         logits, cache = self.lm.apply(params, cache, tokens, jnp.reshape(position, (1,)).astype(jnp.int32))
         logp = jax.nn.log_softmax(logits[..., :v].astype(jnp.float32) / consts.temperature, axis=-1)
         lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -138,7 +138,7 @@ class Kernels:
         cfg = self.cfg
         p = state.particles
         num, t = tokens.shape
-        v = consts.table.token_class.shape[1]
+        v = consts.table.vocab_size
         x = jnp.concatenate([p.last[:, None], tokens[:, :-1]], axis=1)
         logits, cache = self.lm.apply(params, state.cache, x, p.position)
         valid = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths[:, None]
@@ -252,7 +252,7 @@ class Kernels:
     def _logits(self, params, consts: Consts, state: RunState):
         """Tempered next-token logits ``[P, V]`` (``V``: the token table's width) and the updated cache."""
         p = state.particles
-        v = consts.table.token_class.shape[1]
+        v = consts.table.vocab_size
         logits, cache = self.lm.apply(params, state.cache, p.last[:, None], p.position)
         return logits[:, 0, :v].astype(jnp.float32) / consts.temperature, cache
 

@@ -1,7 +1,7 @@
 """The segment program: what the inference engine executes.
 
 A compiled ``.lmp`` program is lowered to a :class:`SegmentProgram`: a flat sequence of segments over one
-token stream, plus the token automata of its holes (one :class:`~lmprog.compiler.automaton.TokenTable`
+token stream, plus the token automata of its holes (one :class:`~lmprog.automata.table.TokenTable`
 with global state ids and the holes' ``tokens``/``len``/``words`` counters). The engine runs the segments in order for all
 particles at once:
 
@@ -27,13 +27,13 @@ every particle dies there (:class:`InferenceError`).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 
+from lmprog.automata.table import TokenTable
 from lmprog.automata.values import ValueRule
-from lmprog.compiler.automaton import TokenTable
 
 __all__ = [
     "Cause",
@@ -196,13 +196,20 @@ class SegmentProgram:
     def holes(self) -> list[Hole]:
         return [s for s in self.segments if isinstance(s, Hole)]
 
+    def hole_index(self, name: str) -> int:
+        """The index of hole ``name`` among :attr:`holes` (its column in spans and per-hole arrays)."""
+        for h, hole in enumerate(self.holes):
+            if hole.name == name:
+                return h
+        raise KeyError(f"no hole named {name!r}")
+
     @property
     def vocab(self) -> int:
-        return int(self.table.token_class.shape[1])
+        return self.table.vocab_size
 
     @property
     def num_states(self) -> int:
-        return int(self.table.final.shape[0])
+        return self.table.num_states
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +253,13 @@ class HostView:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def rows(self, a: int, b: int) -> "HostView":
+        """The view of particles ``a:b`` (one group of a batch); the ``data`` dicts are shared, so writes go
+        through to this view's particles."""
+        return replace(self, tokens=self.tokens[a:b], spans=self.spans[a:b], alive=self.alive[a:b],
+                       data=self.data[a:b], _values=None,
+                       hole_logprobs=None if self.hole_logprobs is None else self.hole_logprobs[a:b])
 
     @property
     def values(self) -> list[dict[str, str]]:

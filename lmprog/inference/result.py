@@ -9,20 +9,18 @@ unnormalized target measure.
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Hashable, Iterable
 
 import numpy as np
 
 from lmprog.inference.program import CAUSE_TEXT, Cause, Hole, hole_value
 
-__all__ = ["InferenceResult", "Sample"]
+__all__ = ["DecodedParticle", "InferenceResult", "logsumexp", "normalize", "tally"]
 
 
 @dataclass
-class Sample:
+class DecodedParticle:
     """One particle, decoded.
 
     Attributes:
@@ -55,7 +53,8 @@ class Sample:
         return self.cause is None
 
 
-def _logsumexp(x: np.ndarray, axis=-1) -> np.ndarray:
+def logsumexp(x: np.ndarray, axis=-1) -> np.ndarray:
+    """``log(sum(exp(x)))`` along ``axis`` in float64; ``-inf`` for an all ``-inf`` slice (never NaN)."""
     x = np.asarray(x, np.float64)
     m = np.max(x, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
@@ -63,8 +62,9 @@ def _logsumexp(x: np.ndarray, axis=-1) -> np.ndarray:
         return np.log(np.sum(np.exp(x - m), axis=axis)) + np.squeeze(m, axis)
 
 
-def _normalize(log_w: np.ndarray) -> np.ndarray:
-    lse = _logsumexp(log_w)
+def normalize(log_w: np.ndarray) -> np.ndarray:
+    """``exp(log_w) / sum(exp(log_w))`` along the last axis; zeros where every weight is 0."""
+    lse = logsumexp(log_w)
     with np.errstate(invalid="ignore"):
         w = np.exp(np.asarray(log_w, np.float64) - lse[..., None])
     return np.where(np.isfinite(lse)[..., None], w, 0.0)
@@ -130,7 +130,7 @@ class InferenceResult:
         if "weights" in self.extra:
             return self.extra["weights"]
         if "_weights" not in self._samples:
-            self._samples["_weights"] = _normalize(self.log_weights)
+            self._samples["_weights"] = normalize(self.log_weights)
         return self._samples["_weights"]
 
     @property
@@ -156,18 +156,18 @@ class InferenceResult:
 
     # ---- decoded samples -------------------------------------------------------------------------
 
-    def samples_of(self, group: int = 0) -> list[Sample]:
+    def samples_of(self, group: int = 0) -> list[DecodedParticle]:
         """Group ``group``'s particles, decoded (cached)."""
         if group not in self._samples:
             self._samples[group] = [self._sample(group, i) for i in range(self.num_particles)]
         return self._samples[group]
 
     @property
-    def samples(self) -> list[Sample]:
+    def samples(self) -> list[DecodedParticle]:
         """Group 0's particles, decoded (in particle order)."""
         return self.samples_of(0)
 
-    def _sample(self, g: int, i: int) -> Sample:
+    def _sample(self, g: int, i: int) -> DecodedParticle:
         toks = [int(t) for t in self.tokens[g, i, : self.lengths[g, i]]]
         values, logps = {}, {}
         alive = self.causes[g, i] == 0
@@ -178,7 +178,7 @@ class InferenceResult:
                 logps[hole.name] = float(self.hole_logprobs[g, i, h])
         cause = None if alive else CAUSE_TEXT.get(Cause(int(self.causes[g, i])), Cause(int(self.causes[g, i])).name.lower())
         data = self.data[g][i] if self.data and g < len(self.data) and i < len(self.data[g]) else {}
-        return Sample(
+        return DecodedParticle(
             index=i,
             tokens=toks,
             text=self.prefix_text + self.tokenizer.decode(toks, skip_special=True),
@@ -191,41 +191,37 @@ class InferenceResult:
             data=dict(data),
         )
 
-    def posterior(self, key: Callable[[Sample], Hashable] | None = None, group: int = 0) -> list[tuple[Any, float]]:
-        """The weighted distribution over ``key(sample)`` (default: the tuple of hole values), sorted by
-        probability (descending); dead particles excluded; probabilities sum to 1."""
+    def posterior(self, key: Callable[[DecodedParticle], Hashable] | None = None,
+                  group: int = 0) -> list[tuple[Any, float]]:
+        """The weighted distribution over ``key(sample)`` (default: the tuple of hole values): :func:`tally`."""
         key = key or self.extra.get("key") or (lambda s: tuple(sorted(s.values.items())))
-        tally: dict = defaultdict(float)
-        for s in self.samples_of(group):
-            if s.alive and s.weight > 0:
-                tally[key(s)] += s.weight
-        total = sum(tally.values())
-        items = [(k, v / total) for k, v in tally.items()] if total > 0 else []
-        return sorted(items, key=lambda kv: (-kv[1], repr(kv[0])))
+        return tally((key(s), s.weight) for s in self.samples_of(group) if s.alive)
 
-    def best(self, group: int = 0) -> Sample:
+    def best(self, group: int = 0) -> DecodedParticle:
         """The particle with the largest weight (ties: the highest score, then the lowest index)."""
         ss = self.samples_of(group)
         return max(ss, key=lambda s: (s.weight, s.score, -s.index))
 
-    def summary(self) -> dict:
-        """A JSON-friendly dict in the shape of LANGUAGE.md's ``--json`` output (group 0)."""
-        samples = [
-            {"values": s.values, "text": s.text, "log_weight": _num(s.log_weight), "weight": s.weight}
-            for s in self.samples
-            if s.alive
-        ]
-        post = [{"value": dict(k) if isinstance(k, tuple) else k, "probability": p} for k, p in self.posterior()]
-        ess = [float(x) for x in self.ess[:, 0] if np.isfinite(x)] if self.ess.size else []
-        return {
-            "strategy": self.strategy,
-            "properly_weighted": self.properly_weighted,
-            "samples": samples,
-            "posterior": post,
-            "log_evidence": self.log_evidence if self.properly_weighted else None,
-            "ess": ess,
-            "stats": dict(self.stats),
-        }
+    # ---- views ---------------------------------------------------------------------------------
+
+    def group(self, g: int) -> "InferenceResult":
+        """Group ``g`` alone, as a one-group result (batch mode: row ``g``'s run)."""
+        sl = slice(g, g + 1)
+        return replace(
+            self, tokens=self.tokens[sl], lengths=self.lengths[sl], spans=self.spans[sl],
+            log_weights=self.log_weights[sl], scores=self.scores[sl], causes=self.causes[sl],
+            hole_logprobs=self.hole_logprobs[sl], log_z=None if self.log_z is None else self.log_z[sl],
+            ess=self.ess[:, sl], resampled=self.resampled[:, sl], data=[self.data[g]] if self.data else [],
+            stats=dict(self.stats, groups=1), extra=dict(self.extra), _samples={})
+
+    def relabel(self, strategy) -> "InferenceResult":
+        """The result as ``strategy``'s (a strategy that post-processes a base strategy's particles: its name,
+        weighting and options; decoded samples are recomputed from the new weights)."""
+        self.strategy = strategy.name
+        self.properly_weighted = strategy.properly_weighted
+        self.options = strategy.options()
+        self._samples.clear()
+        return self
 
     def _hole_index(self, name: str) -> int:
         for h, hole in enumerate(self.holes):
@@ -234,5 +230,21 @@ class InferenceResult:
         raise KeyError(f"no hole named {name!r}")
 
 
-def _num(x: float):
-    return x if math.isfinite(x) else None
+def tally(pairs: Iterable[tuple[Any, float]], *, ident: Callable[[Any], Hashable] | None = None,
+          tie: Callable[[Any], str] = repr) -> list[tuple[Any, float]]:
+    """The one posterior tally: ``(value, weight)`` pairs summed over equal values (``ident(value)`` equal;
+    default the value itself), normalized to sum to 1, sorted by probability (descending, then ``tie(value)``).
+    Pairs with weight 0 are left out (a dead or zero-weight particle is no evidence for its value); no positive
+    weight gives an empty list. The first value seen stands for its class."""
+    ident = ident or (lambda v: v)
+    sums: dict = {}
+    first: dict = {}
+    for value, weight in pairs:
+        if weight > 0:
+            k = ident(value)
+            sums[k] = sums.get(k, 0.0) + weight
+            first.setdefault(k, value)
+    total = sum(sums.values())
+    if not total > 0:
+        return []
+    return sorted(((first[k], w / total) for k, w in sums.items()), key=lambda kv: (-kv[1], tie(kv[0])))

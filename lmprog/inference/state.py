@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lmprog.compiler.automaton import TokenTable
+from lmprog.automata.table import TokenTable
 
 PyTree = Any
 

@@ -1,0 +1,260 @@
+"""Suffix moves over whole program executions, and what the MCMC strategies share.
+
+The target is the engine's: ``gamma(x) = prod p_LM(generated and observed tokens) x factors`` on the
+executions ``x`` the constraints allow. A *site* of ``x`` is a generated token (a token of some hole) or a
+host step (where ``sample``/``let``/``factor`` run); ``n(x)`` is their number.
+
+**Suffix move.** Pick a site uniformly, keep everything before it, regenerate the rest with the proposal SMC
+uses (the masked LM, the program's forced text and host steps). Cutting at the same site of ``x'`` gives back
+the same kept prefix, so with ``W(x) = gamma(x) / q(x | prefix)`` the importance weight of the regenerated
+part (product of allowed masses, observed-text probabilities and factors, recorded in
+``Particles.lw_total``) the Metropolis-Hastings ratio is::
+
+    alpha = min(1, [gamma(x') q(x | x')] / [gamma(x) q(x' | x)]) = min(1, W(x') n(x) / (W(x) n(x')))
+
+The chain keeps the KV cache of the kept prefix: the kernels move the particle back to the cut
+(``Kernels.resume_hole`` / ``resume_segment`` from its :class:`~lmprog.inference.state.Trace`) and overwrite
+cache slots from there on; the current state's cache is kept aside and restored row by row on rejection
+(``Kernels.select``). All chains move at once in one batch; a chain cut late idles (frozen) through the
+segments before its cut (:class:`Cuts`, the walk's :class:`~lmprog.inference.engine.Control`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmprog.inference import engine
+from lmprog.inference.engine import Control, Part, Run, Setup
+from lmprog.inference.program import Cause, Hole, Host, InferenceError
+from lmprog.inference.result import InferenceResult
+from lmprog.inference.state import RunState
+
+__all__ = ["Cuts", "MAX_INIT_TRIES", "Recorder", "Replay", "Sites", "host_rng", "set_replay", "start_chains",
+           "suffix_moves"]
+
+#: Fresh proposals tried for a chain whose first execution died before giving up.
+MAX_INIT_TRIES = 50
+
+
+class Cuts(Control):
+    """A walk where particle ``i`` is *frozen* (left exactly as it is, KV cache included) before segment
+    ``seg[i]``; at ``seg[i]`` it resumes: at the segment's start (``tok[i] < 0``, state recorded by the last
+    walk's snapshot) or, in a hole, just before token ``tok[i]`` (recorded in its trace); from there on it
+    runs normally. ``seg[i]`` past the last segment freezes it throughout.
+
+    ``stop = (j, k)`` ends the walk inside hole segment ``j`` once particles have ``k`` tokens of it (the SMC
+    time at which a rejuvenation move targets the intermediate distribution)."""
+
+    def __init__(self, seg: np.ndarray, tok: np.ndarray, stop: tuple[int, int] | None = None):
+        self.seg, self.tok, self.stop = np.asarray(seg), np.asarray(tok), stop
+
+    def enter(self, run: Run, state: RunState, s: Setup, j: int) -> tuple[RunState, Part]:
+        segs = run.program.segments
+        frozen = self.seg > j
+        here = self.seg == j
+        at_start = here & (self.tok < 0)
+        in_hole = here & (self.tok >= 0)
+        if at_start.any():
+            first_hole = sum(type(s) is Hole for s in segs[:j])
+            state = run.call(run.kern.resume_segment, state, jnp.asarray(at_start), jnp.int32(j),
+                             jnp.int32(first_hole), jnp.int32(s.prefix[-1]))
+            ids = np.asarray(jax.device_get(state.particles.trace.seg_data[:, j]))
+            state = run.sync_data(state)
+            for i in np.flatnonzero(at_start):
+                run.data[i] = dict(run.registry[int(ids[i])])
+        pause = self.stop[1] if self.stop is not None and self.stop[0] == j else None
+        return state, Part(running=~frozen & ~in_hole, resume=in_hole, resume_at=self.tok, pause=pause)
+
+    def after(self, j: int) -> bool:
+        return self.stop is not None and j >= self.stop[0]
+
+    def at_end(self, run: Run) -> np.ndarray:
+        return self.seg <= len(run.program.segments)
+
+
+class Replay(Control):
+    """A walk where the particles in ``replay`` replay the execution recorded in their trace (tokens through
+    ``force_len``, see :func:`set_replay`; host data and host log-weight increments from the segment
+    snapshots): particle Gibbs' reference trajectory."""
+
+    def __init__(self, replay: np.ndarray):
+        self.replay = np.asarray(replay, bool)
+
+    def enter(self, run: Run, state: RunState, s: Setup, j: int) -> tuple[RunState, Part]:
+        return state, Part(running=np.ones((run.num,), bool), replay=self.replay)
+
+    def at_end(self, run: Run) -> np.ndarray:
+        return ~self.replay
+
+
+class Sites:
+    """The sites of a program's executions: its host steps after the shared prefix and its hole tokens."""
+
+    def __init__(self, run: Run, s: Setup):
+        segs = run.program.segments
+        self.hosts = np.array([j for j in range(s.first, len(segs)) if type(segs[j]) is Host], np.int64)
+        self.hole_segments = np.array([j for j, seg in enumerate(segs) if type(seg) is Hole], np.int64)
+        self.num_segments = len(segs)
+
+    def before(self, j: int) -> "Sites":
+        """The sites of the program up to segment ``j`` (rejuvenation's intermediate target)."""
+        out = object.__new__(Sites)
+        out.hosts, out.hole_segments, out.num_segments = self.hosts[self.hosts < j], self.hole_segments, self.num_segments
+        return out
+
+    def count(self, spans: np.ndarray) -> np.ndarray:
+        """``n(x)`` per particle: tokens inside hole spans (``spans [P, H, 2]``) plus the host sites."""
+        return np.sum(np.maximum(spans[..., 1] - spans[..., 0], 0), axis=-1) + len(self.hosts)
+
+    def choose(self, rng: np.random.Generator, spans: np.ndarray, n_sites: np.ndarray, movable: np.ndarray) -> Cuts:
+        """A site per particle (``movable`` ones; the others stay frozen), uniform among its ``n_sites[i]``:
+        the host sites, then the tokens of its holes."""
+        num = spans.shape[0]
+        seg = np.full((num,), self.num_segments + 1, np.int64)
+        tok = np.full((num,), -1, np.int64)
+        for i in np.flatnonzero(movable & (n_sites > 0)):
+            u = int(rng.integers(n_sites[i]))
+            if u < len(self.hosts):
+                seg[i] = self.hosts[u]
+                continue
+            u -= len(self.hosts)
+            for h, ln in enumerate(np.maximum(spans[i, :, 1] - spans[i, :, 0], 0)):
+                if u < ln:
+                    seg[i], tok[i] = self.hole_segments[h], spans[i, h, 0] + u
+                    break
+                u -= ln
+        return Cuts(seg, tok)
+
+
+def suffix_moves(run: Run, state: RunState, s: Setup, rng: np.random.Generator, movable: np.ndarray, sites: Sites,
+                 stop: tuple[int, int] | None = None, kern=None) -> tuple[RunState, np.ndarray]:
+    """One suffix MH move for every particle in ``movable``. Returns ``(state, accepted [P] bool)``.
+    ``stop = (j, k)``: the target is the program up to step ``k`` of hole segment ``j`` (rejuvenation), whose
+    host sites are those before ``j``. ``kern``: the kernels that regenerate (default ``run.kern``; they must
+    not resample)."""
+    kern = kern or run.kern
+    spans, lw = (np.asarray(a) for a in jax.device_get((state.particles.spans, state.particles.lw_total)))
+    here = sites if stop is None else sites.before(stop[0])
+    n_x = here.count(spans)
+    cuts = here.choose(rng, spans, n_x, movable)
+    cuts.stop = stop
+    moving = cuts.seg <= len(run.program.segments)
+    state = run.sync_data(state)
+    kept_data = [dict(d) for d in run.data]
+    current = run.call(kern.copy, state)
+    fork = run.fork(kern)
+    proposal = engine.walk(fork, state, s, cuts, check=False)
+    run.join(fork)
+    p_spans, p_lw, p_cause = (np.asarray(a) for a in jax.device_get(
+        (proposal.particles.spans, proposal.particles.lw_total, proposal.particles.cause)))
+    n_y = here.count(p_spans)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_alpha = (p_lw.astype(np.float64) - lw.astype(np.float64)) + np.log(n_x) - np.log(np.maximum(n_y, 1))
+    log_alpha = np.where((p_cause == 0) & np.isfinite(p_lw), log_alpha, -np.inf)
+    u = rng.random(run.num)
+    accept = moving & (np.log(np.maximum(u, 1e-300)) < log_alpha)
+    state = run.call(kern.select, current, proposal, jnp.asarray(accept))
+    proposal_data = run.data
+    run.data = [dict(proposal_data[i]) if accept[i] else kept_data[i] for i in range(run.num)]
+    return state, accept
+
+
+def host_rng(key) -> np.random.Generator:
+    """Host randomness (site choices, accept draws) derived from the run's JAX key: same seed, same run."""
+    bits = np.asarray(jax.random.key_data(key)).astype(np.uint64).ravel()
+    return np.random.default_rng([int(b) for b in bits])
+
+
+def start_chains(run: Run, state: RunState, s: Setup) -> RunState:
+    """A first execution for every chain (the SMC proposal); chains whose execution died get fresh
+    proposals (from the first segment) until they live. Every chain dying names the constraint."""
+    state = engine.walk(run, state, s)
+    for _ in range(MAX_INIT_TRIES):
+        cause = np.asarray(jax.device_get(state.particles.cause))
+        dead = cause != 0
+        if not dead.any():
+            return state
+        cuts = Cuts(np.where(dead, s.first, len(run.program.segments) + 1), np.full(run.num, -1))
+        state = engine.walk(run, state, s, cuts, check=False)
+    cause = np.asarray(jax.device_get(state.particles.cause))
+    deaths = {Cause(int(c)).name.lower(): int(k) for c, k in zip(*np.unique(cause[cause != 0], return_counts=True))}
+    raise InferenceError(
+        f"mcmc: {int(np.sum(cause != 0))} of {run.num} chains found no execution the constraints allow in "
+        f"{MAX_INIT_TRIES + 1} tries (deaths: " + ", ".join(f"{c} x {k}" for c, k in deaths.items())
+        + "); use smc to see which constraint kills them",
+        causes=deaths,
+    )
+
+
+def set_replay(state: RunState, sequences) -> RunState:
+    """Particle ``i`` will replay ``sequences[i]`` (tokens after the shared prefix)."""
+    p = state.particles
+    tokens = np.array(jax.device_get(p.tokens))
+    force = np.zeros((tokens.shape[0],), np.int32)
+    for i, seq in enumerate(sequences):
+        if len(seq) > tokens.shape[1]:
+            raise ValueError(f"init sequence {i} has {len(seq)} tokens; the program has room for {tokens.shape[1]}")
+        tokens[i, : len(seq)] = seq
+        force[i] = len(seq)
+    return state._replace(particles=p._replace(tokens=jnp.asarray(tokens), force_len=jnp.asarray(force)))
+
+
+class Recorder:
+    """Collects the states of all chains at every kept step (host arrays) and makes them a result."""
+
+    def __init__(self):
+        self.rows: list = []
+
+    def add(self, run: Run, state: RunState, rows=None) -> RunState:
+        """Record every particle, or those in ``rows`` (indices)."""
+        p = state.particles
+        fields = jax.device_get((p.tokens, p.length, p.spans, p.score, p.hole_logp, p.cause))
+        state = run.sync_data(state)
+        rows = np.arange(run.num) if rows is None else np.asarray(rows)
+        self.rows.append(tuple(np.asarray(a)[rows] for a in fields) + ([dict(run.data[i]) for i in rows],))
+        return state
+
+    def engine_result(self, run: Run, s: Setup, state: RunState, strategy, groups: int, chains: int,
+                      extra: dict) -> InferenceResult:
+        """:meth:`result` for chains run by walks of ``run``."""
+        return self.result(strategy, groups, chains, extra, holes=run.program.holes, tokenizer=run.lm.tokenizer,
+                           prefix_text=run.prefix_text, prefix_tokens=s.prefix,
+                           stats=engine.run_stats(run, state, s))
+
+    def result(self, strategy, groups: int, chains: int, extra: dict, *, holes, tokenizer, prefix_text,
+               prefix_tokens, stats: dict, log_z=None) -> InferenceResult:
+        """Samples ordered per group, then per chain, then per kept step (chain ``c``'s ``k``-th kept state
+        is particle ``c * kept + k`` of its group); every sample has the same weight."""
+        kept = len(self.rows)
+        stack = lambda i: np.stack([row[i] for row in self.rows], axis=1)  # noqa: E731  [P, kept, ...]
+        tokens, lengths, spans, scores, hlp, causes = (stack(i) for i in range(6))
+        num = tokens.shape[0]
+        per = num // groups
+        shape = lambda a: a.reshape((groups, per * kept) + a.shape[2:])  # noqa: E731
+        causes = shape(causes)
+        data = [[self.rows[k][6][g * per + c] for c in range(per) for k in range(kept)] for g in range(groups)]
+        lw = np.where(causes == 0, 0.0, -np.inf)
+        return InferenceResult(
+            strategy=strategy.name,
+            properly_weighted=strategy.properly_weighted,
+            options=strategy.options(),
+            holes=holes,
+            tokenizer=tokenizer,
+            prefix_text=prefix_text,
+            prefix_tokens=list(prefix_tokens),
+            tokens=shape(tokens),
+            lengths=shape(lengths),
+            spans=shape(spans),
+            log_weights=lw,
+            scores=shape(scores).astype(np.float64),
+            causes=causes,
+            hole_logprobs=shape(hlp).astype(np.float64),
+            log_z=log_z,
+            ess=np.zeros((0, groups)),
+            resampled=np.zeros((0, groups), bool),
+            stats={**stats, "particles": per * kept, "groups": groups},
+            data=data,
+            extra={"chains": chains, "kept": kept, **extra},
+        )

@@ -1,0 +1,135 @@
+"""What every inference strategy is: a frozen dataclass of its parameters that runs itself.
+
+A strategy's class is built from its entry in :data:`lmprog.catalog.CATALOG` by :func:`implements`: the
+entry's parameters become the dataclass's fields (with their defaults, in positional order), and its name,
+``particle_arg`` and ``properly_weighted`` become class attributes, so the checker, the CLI and the engine
+read one declaration. The class adds what only the engine needs:
+
+* ``groupable`` (``groups > 1`` independent copies in one call) and ``batchable`` (rows of a batch may run as
+  groups of one engine call);
+* ``run(lm, program, key=..., groups=..., chunk=..., progress=...) -> InferenceResult``: the algorithm,
+  written on the engine's public building blocks (:mod:`lmprog.inference.engine`);
+* fields the language cannot set (``best_of(base=...)``), declared in the class body as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar
+
+from lmprog.catalog import CATALOG, COMMON_OPTIONS, Param, StrategySpec
+from lmprog.inference import engine
+
+__all__ = ["DEFAULT_MAX_TOKENS", "ParticleStrategy", "Strategy", "implements"]
+
+_COMMON = {p.name: p for p in COMMON_OPTIONS}
+DEFAULT_MAX_TOKENS = int(_COMMON["max_tokens"].default)
+
+
+def implements(name: str):
+    """Class decorator: the frozen dataclass of strategy ``name``, its language parameters taken from the
+    catalog entry (placed before the fields the class body declares)."""
+    spec: StrategySpec = CATALOG[name]
+
+    def build(cls):
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        annotations = {p.name: _TYPES[p.type] for p in spec.params}
+        annotations.update(own)
+        cls.__annotations__ = annotations
+        for p in spec.params:
+            setattr(cls, p.name, field(default=p.default, metadata={"param": p}))
+        cls.name = spec.name
+        cls.spec = spec
+        cls.particle_arg = spec.particle_arg
+        if "properly_weighted" not in cls.__dict__:
+            cls.properly_weighted = spec.properly_weighted
+        return dataclass(frozen=True)(cls)
+
+    return build
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "expr": object, "any": object}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Common options: ``temperature`` (the base LM becomes ``p^(1/T)``, locally normalized), ``max_tokens``
+    (budget of holes that set none)."""
+
+    name: ClassVar[str] = ""
+    spec: ClassVar[StrategySpec | None] = None
+    properly_weighted: ClassVar[bool] = False
+    particle_arg: ClassVar[str | None] = None
+    groupable: ClassVar[bool] = True
+
+    temperature: float = field(default=_COMMON["temperature"].default, metadata={"param": _COMMON["temperature"]})
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"param": _COMMON["max_tokens"]})
+
+    # ---- declarations -----------------------------------------------------------------------------
+
+    @classmethod
+    def own_params(cls) -> tuple[Param, ...]:
+        """The strategy's own language parameters, in positional order."""
+        return cls.spec.params if cls.spec is not None else ()
+
+    @classmethod
+    def params(cls) -> tuple[Param, ...]:
+        """Everything ``infer name(...)`` accepts: own parameters, then the common options and ``seed``."""
+        return cls.own_params() + COMMON_OPTIONS
+
+    @classmethod
+    def defaults(cls) -> dict[str, object]:
+        """Every language parameter with its default (``expr`` parameters default to None)."""
+        return {p.name: p.default for p in cls.params()}
+
+    @property
+    def batchable(self) -> bool:
+        """Rows of a batch with the same structure may run as groups of one engine call."""
+        return self.groupable
+
+    @property
+    def num_particles(self) -> int:
+        return int(getattr(self, self.particle_arg)) if self.particle_arg else 1
+
+    # ---- running ----------------------------------------------------------------------------------
+
+    def run(self, lm, program, *, key, groups: int = 1, chunk: int = 32, progress=None):
+        """Run on the segment program; returns an :class:`~lmprog.inference.result.InferenceResult`."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad option (the checker reports the same for ``.lmp`` files)."""
+        for p in self.params():
+            if p.name == "seed" or p.type == "expr":
+                continue
+            value = getattr(self, p.name)
+            if p.type == "int" and (isinstance(value, bool) or int(value) != value):
+                raise ValueError(f"{self.name}: {p.name} must be an integer, got {value!r}")
+            if p.choices and value not in p.choices:
+                raise ValueError(f"{self.name}: unknown {p.name}={value!r}; valid: {', '.join(sorted(p.choices))}")
+            if p.low is not None and (value < p.low or (p.open_low and value == p.low)):
+                bound = f"in [{p.low:g}, {p.high:g}]" if p.high is not None else \
+                    (f"> {p.low:g}" if p.open_low else f">= {p.low:g}")
+                raise ValueError(f"{self.name}: {p.name} must be {bound}, got {value!r}")
+            if p.high is not None and value > p.high:
+                raise ValueError(f"{self.name}: {p.name} must be in [{p.low:g}, {p.high:g}], got {value!r}")
+
+    def options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not callable(getattr(self, f.name))}
+
+    def with_options(self, **options) -> "Strategy":
+        """A copy with options overridden (``None`` values are ignored): CLI/API options override ``infer``."""
+        return replace(self, **{k: v for k, v in options.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class ParticleStrategy(Strategy):
+    """A strategy that is one pass of weighted particles through the program: its kernels' static
+    configuration (:meth:`kernel_config`) is all that tells it apart (sample, greedy, importance, smc, beam)."""
+
+    def kernel_config(self, groups: int = 1, chunk: int = 32):
+        raise NotImplementedError
+
+    def run(self, lm, program, *, key, groups=1, chunk=32, progress=None):
+        return engine.simulate(lm, program, self, self.kernel_config(groups, chunk), key=key, groups=groups,
+                               progress=progress)
