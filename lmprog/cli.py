@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_runtime_failure(exc: Exception) -> bool:
     """InferenceError / RunError, without importing JAX for commands that never ran anything."""
-    engine = sys.modules.get("lmprog.inference.program")
+    engine = sys.modules.get("lmprog.inference.segments")
     lower = sys.modules.get("lmprog.compiler.lower")
     return (engine is not None and isinstance(exc, engine.InferenceError)) or \
         (lower is not None and isinstance(exc, lower.RunError))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from lmprog.inference.diagnostics import diagnostics
-from lmprog.inference.result import tally
+from lmprog.inference.samples import tally
 
 __all__ = ["Result", "Sample"]
 
@@ -70,7 +70,7 @@ class Result:
     @classmethod
     def from_inference(cls, raw, returns: Callable[[Any], dict], inputs: dict, **stats) -> "Result":
         """The one path from the engine's particles (a one-group
-        :class:`~lmprog.inference.result.InferenceResult`) to a Result: each finished particle's returned
+        :class:`~lmprog.inference.samples.InferenceResult`) to a Result: each finished particle's returned
         values (``returns(decoded particle)``), the posterior tallied over them, the ESS history, the counters
         (``stats`` adds or overrides them: ``wall_s``, ``lower_s``, ``model``, ...) and, for MCMC, the
         convergence diagnostics of the returned values."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 import lmprog
-from lmprog.inference.program import HostView
+from lmprog.inference.segments import HostView
 from tests.test_lower import ids, seq_prob, toy_lm
 
 LMP = Path(__file__).parent / "lmp"

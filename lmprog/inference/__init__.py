@@ -10,7 +10,7 @@ as groups of one call (:func:`run_rows`).
 from lmprog.inference.batch import MAX_BATCH_PARTICLES, run_rows
 from lmprog.inference.engine import Progress, run
 from lmprog.inference.kernel import TRACE_COUNTS, KernelConfig
-from lmprog.inference.program import (
+from lmprog.inference.segments import (
     Cause,
     Hole,
     Host,
@@ -22,7 +22,7 @@ from lmprog.inference.program import (
     hole_value,
 )
 from lmprog.inference.resampling import RESAMPLERS, Resampler, ess, multinomial, residual, stratified, systematic
-from lmprog.inference.result import DecodedParticle, InferenceResult, tally
+from lmprog.inference.samples import DecodedParticle, InferenceResult, tally
 from lmprog.inference.strategies import (
     STRATEGIES,
     DEFAULT_STRATEGY,

@@ -19,7 +19,7 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from lmprog.inference import engine
-from lmprog.inference.program import Hole, Host, Observe, SegmentProgram, Text
+from lmprog.inference.segments import Hole, Host, Observe, SegmentProgram, Text
 
 __all__ = ["MAX_BATCH_PARTICLES", "combine", "run_groups", "run_rows"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmprog.inference.result import InferenceResult
+from lmprog.inference.samples import InferenceResult
 
 __all__ = ["diagnostics"]
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmprog.inference.kernel import TRACE_COUNTS, Kernels, get_kernels
-from lmprog.inference.program import (
+from lmprog.inference.segments import (
     CAUSE_TEXT,
     Cause,
     Hole,
@@ -44,7 +44,7 @@ from lmprog.inference.program import (
     SegmentProgram,
     Text,
 )
-from lmprog.inference.result import InferenceResult, logsumexp
+from lmprog.inference.samples import InferenceResult, logsumexp
 from lmprog.inference.state import Consts, HoleParams, RunState, init_particles
 
 __all__ = ["Control", "Part", "Progress", "Run", "Setup", "assemble", "run", "setup", "simulate", "walk"]

@@ -3,7 +3,7 @@
 Walks every token sequence the program allows, depth first, with plain Python and float64, and returns
 the unnormalized target ``gamma(x) = prod p_LM^(1/T)(generated and observed tokens) x factors`` of every
 complete sequence and the normalizing constant ``Z = sum_x gamma(x)``. It reimplements the segment
-semantics of :mod:`lmprog.inference.program` independently of the jitted kernels, so the kernels can be
+semantics of :mod:`lmprog.inference.segments` independently of the jitted kernels, so the kernels can be
 checked against it. Holes follow the constraint compiler's contract: at every step exactly the tokens of
 ``table.mask(state, counts, max_tokens)`` are allowed, and the hole ends when ``table.done`` holds.
 """
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmprog.inference.program import Hole, Host, HostView, Observe, SegmentProgram, Text, hole_value
+from lmprog.inference.segments import Hole, Host, HostView, Observe, SegmentProgram, Text, hole_value
 
 __all__ = ["ExactPath", "ExactPosterior", "enumerate_program"]
 

@@ -23,7 +23,7 @@ from jax import lax
 
 from lmprog.automata.table import TokenTable
 from lmprog.inference import resampling
-from lmprog.inference.program import Cause
+from lmprog.inference.segments import Cause
 from lmprog.inference.state import Consts, HoleParams, Particles, RunState
 
 __all__ = ["KernelConfig", "Kernels", "TRACE_COUNTS", "get_kernels"]

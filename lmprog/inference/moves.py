@@ -27,8 +27,8 @@ import numpy as np
 
 from lmprog.inference import engine
 from lmprog.inference.engine import Control, Part, Run, Setup
-from lmprog.inference.program import Cause, Hole, Host, InferenceError
-from lmprog.inference.result import InferenceResult
+from lmprog.inference.segments import Cause, Hole, Host, InferenceError
+from lmprog.inference.samples import InferenceResult
 from lmprog.inference.state import RunState
 
 __all__ = ["Cuts", "MAX_INIT_TRIES", "Recorder", "Replay", "Sites", "host_rng", "set_replay", "start_chains",

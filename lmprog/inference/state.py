@@ -60,7 +60,7 @@ class Particles(NamedTuple):
     done: jax.Array  # [P] bool finished (or skipped, or died in) the current hole
     log_weight: jax.Array  # [P] f32 log importance weight since the last resampling (beam: the score)
     score: jax.Array  # [P] f32 log target density of the particle's sequence (log gamma): LM log-probs + factors
-    cause: jax.Array  # [P] int32 0 alive, else lmprog.inference.program.Cause
+    cause: jax.Array  # [P] int32 0 alive, else lmprog.inference.segments.Cause
     spans: jax.Array  # [P, H, 2] int32 [start, end) of each hole in `tokens`
     hole_logp: jax.Array  # [P, H] f32 LM log-probability (tempered) of each hole's tokens
     origin: jax.Array  # [P] int32 index, at the last host sync, of the particle this one descends from

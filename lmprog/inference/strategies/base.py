@@ -94,7 +94,7 @@ class Strategy:
     # ---- running ----------------------------------------------------------------------------------
 
     def run(self, lm, program, *, key, groups: int = 1, chunk: int = 32, progress=None):
-        """Run on the segment program; returns an :class:`~lmprog.inference.result.InferenceResult`."""
+        """Run on the segment program; returns an :class:`~lmprog.inference.samples.InferenceResult`."""
         raise NotImplementedError
 
     def validate(self) -> None:

@@ -20,8 +20,8 @@ import numpy as np
 
 from lmprog.inference import engine
 from lmprog.inference.moves import Recorder, Sites, host_rng, set_replay, start_chains, suffix_moves
-from lmprog.inference.program import InferenceError
-from lmprog.inference.result import InferenceResult, logsumexp
+from lmprog.inference.segments import InferenceError
+from lmprog.inference.samples import InferenceResult, logsumexp
 from lmprog.inference.strategies.base import Strategy, implements
 from lmprog.inference.strategies.importance import Importance
 from lmprog.inference.strategies.smc import SMC

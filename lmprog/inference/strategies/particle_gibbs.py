@@ -16,8 +16,8 @@ import numpy as np
 from lmprog.inference import engine
 from lmprog.inference.kernel import KernelConfig
 from lmprog.inference.moves import MAX_INIT_TRIES, Cuts, Recorder, Replay, host_rng
-from lmprog.inference.program import InferenceError
-from lmprog.inference.result import InferenceResult, logsumexp
+from lmprog.inference.segments import InferenceError
+from lmprog.inference.samples import InferenceResult, logsumexp
 from lmprog.inference.strategies.base import Strategy, implements
 
 __all__ = ["ParticleGibbs"]

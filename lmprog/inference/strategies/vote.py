@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import field
 from typing import ClassVar
 
-from lmprog.inference.result import tally
+from lmprog.inference.samples import tally
 from lmprog.inference.strategies.base import Strategy, implements
 from lmprog.inference.strategies.importance import Importance
 

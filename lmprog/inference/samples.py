@@ -14,7 +14,7 @@ from typing import Any, Callable, Hashable, Iterable
 
 import numpy as np
 
-from lmprog.inference.program import CAUSE_TEXT, Cause, Hole, hole_value
+from lmprog.inference.segments import CAUSE_TEXT, Cause, Hole, hole_value
 
 __all__ = ["DecodedParticle", "InferenceResult", "logsumexp", "normalize", "tally"]
 
