@@ -42,8 +42,17 @@ CASES = [
 
 
 def constraints_for(key):
-    from lmprog.compiler.constraints import (
-        Choices, Contains, Count, EndsWith, IsFloat, IsInt, Not, Regex, StartsWith, StopAt,
+    from lmprog.compiler.constraint_ir import (
+        Choices,
+        Contains,
+        Count,
+        EndsWith,
+        IsFloat,
+        IsInt,
+        Not,
+        Regex,
+        StartsWith,
+        StopAt,
     )
 
     return {

@@ -56,7 +56,8 @@ def main() -> None:
     from lmprog.backends import load_model
     from lmprog.backends.generate import _sample_loop, prefill
     from lmprog.compiler.automaton import stack_holes
-    from lmprog.compiler.constraints import Count, Regex, compile_hole
+    from lmprog.compiler.constraint_ir import Count, Regex
+    from lmprog.compiler.constraints import compile_hole
     from lmprog.inference import SMC, Hole, SegmentProgram, Text, run
     from lmprog.inference.kernel import sample_masked
 

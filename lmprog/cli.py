@@ -89,7 +89,7 @@ class _UsageError(Exception):
 
 def _run_options(args) -> dict:
     return dict(particles=args.particles, seed=args.seed, strategy=args.strategy, max_tokens=args.max_tokens,
-                temperature=args.temperature, model=args.model)
+                temperature=args.temperature, model=args.model, memory_limit=args.memory_limit)
 
 
 def _progress_runner(console, enabled: bool):
@@ -274,6 +274,18 @@ def _add_run_options(p) -> None:
     p.add_argument("--max-tokens", dest="max_tokens", type=_positive_int, default=None)
     p.add_argument("--temperature", type=_positive_float, default=None)
     p.add_argument("--model", default=None, help="a registered model name, a .gguf file or a HF folder")
+    p.add_argument("--memory-limit", dest="memory_limit", type=_memory_size, default=None, metavar="SIZE",
+                   help="memory a run may use beyond the loaded model, e.g. 4G (default: what the device has free); "
+                        "a run that needs more runs in waves of fewer particles, or stops with exit 2")
+
+
+def _memory_size(text: str) -> int:
+    from lmprog.inference.memory import parse_size  # noqa: PLC0415 - JAX loads only for commands that run
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,10 +382,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_runtime_failure(exc: Exception) -> bool:
     """InferenceError / RunError, without importing JAX for commands that never ran anything."""
-    engine = sys.modules.get("lmprog.inference.segments")
-    lower = sys.modules.get("lmprog.compiler.lower")
-    return (engine is not None and isinstance(exc, engine.InferenceError)) or \
-        (lower is not None and isinstance(exc, lower.RunError))
+    segments = sys.modules.get("lmprog.inference.segments")
+    errors = sys.modules.get("lmprog.compiler.errors")
+    return (segments is not None and isinstance(exc, segments.InferenceError)) or \
+        (errors is not None and isinstance(exc, errors.RunError))
 
 
 if __name__ == "__main__":

@@ -80,16 +80,20 @@ class Program:
 
     def run(self, inputs: Optional[Mapping] = None, /, *, particles: Optional[int] = None,
             seed: Optional[int] = None, strategy=None, max_tokens: Optional[int] = None,
-            temperature: Optional[float] = None, model: Optional[str] = None, lm=None, progress=None, **kwargs):
+            temperature: Optional[float] = None, model: Optional[str] = None, lm=None, progress=None,
+            memory_limit=None, **kwargs):
         """Run the program: ``program.run(country="Japan", particles=32, seed=1) -> Result``.
 
         Inputs are keyword arguments (or a dict as the first argument); ``particles`` overrides the strategy's
         first argument (particles / n / width); ``strategy`` a strategy name (or an engine strategy object);
         ``max_tokens`` / ``temperature`` the common options; ``seed`` the program's ``infer`` seed (default 0);
-        ``model`` the program's model name; ``lm`` an already loaded language model.
+        ``model`` the program's model name; ``lm`` an already loaded language model; ``memory_limit`` the bytes
+        (or ``"4G"``) the run may use beyond the loaded model (default: the device's free memory): a run that
+        needs more runs in waves of fewer particles when its strategy allows, else raises
+        :class:`lmprog.inference.memory.MemoryPlanError` (a ``ValueError``) saying how many particles fit.
 
         Raises :class:`LmpError` for missing or bad inputs (located), :class:`lmprog.inference.InferenceError` when
-        every particle dies (naming the constraint), :class:`lmprog.compiler.lower.RunError` for other runtime
+        every particle dies (naming the constraint), :class:`lmprog.compiler.errors.RunError` for other runtime
         failures.
         """
         from lmprog.runner import run_program
@@ -97,12 +101,12 @@ class Program:
         given = dict(inputs or {})
         given.update(kwargs)
         return run_program(self, given, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
-                           temperature=temperature, model=model, lm=lm, progress=progress)
+                           temperature=temperature, model=model, lm=lm, progress=progress, memory_limit=memory_limit)
 
 
     def run_batch(self, rows, /, *, particles: Optional[int] = None, seed: Optional[int] = None,
                   strategy=None, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
-                  model: Optional[str] = None, lm=None, errors: str = "raise"):
+                  model: Optional[str] = None, lm=None, errors: str = "raise", memory_limit=None):
         """Run the program once per row of inputs (dicts): ``[Result, ...]`` in input order.
 
         Rows with the same structure run together: every row's particles in one batched engine call (one
@@ -115,7 +119,7 @@ class Program:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
         out = run_batch(self, rows, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
-                        temperature=temperature, model=model, lm=lm)
+                        temperature=temperature, model=model, lm=lm, memory_limit=memory_limit)
         if errors == "raise":
             for r in out:
                 if isinstance(r, BaseException):

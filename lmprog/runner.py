@@ -122,7 +122,7 @@ def _result(raw, low, values, lm, **stats) -> Result:
 
 def run_program(program, inputs: Mapping[str, Any], *, particles=None, seed=None, strategy=None,
                 max_tokens=None, temperature=None, model=None, lm=None, from_text: bool = False,
-                progress=None) -> Result:
+                progress=None, memory_limit=None) -> Result:
     """Resolve inputs, load the model, lower, run. Raises LoweringError (program/input errors), RunError /
     InferenceError (runtime failures)."""
     t0 = time.perf_counter()
@@ -134,13 +134,13 @@ def run_program(program, inputs: Mapping[str, Any], *, particles=None, seed=None
     values, low, st, lower_s = _lower_row(program, lm, dict(inputs), seed=seed, strategy=strategy,
                                           particles=particles, max_tokens=max_tokens, temperature=temperature,
                                           from_text=from_text)
-    raw = engine.run(lm, low.program, st, seed=seed, progress=progress)
+    raw = engine.run(lm, low.program, st, seed=seed, progress=progress, memory_limit=memory_limit)
     return _result(raw, low, values, lm, lower_s=lower_s, load_s=load_s, wall_s=time.perf_counter() - t0)
 
 
 def run_batch(program, rows, *, particles=None, seed=None, strategy=None, max_tokens=None, temperature=None,
               model=None, lm=None, from_text: bool = False, max_batch_particles: int = MAX_BATCH_PARTICLES,
-              progress=None) -> list:
+              progress=None, memory_limit=None) -> list:
     """Run ``program`` once per row of inputs: ``[Result or Exception, ...]`` in input order.
 
     Every row is lowered first; rows with the same structure key (``Lowered.structure_key``) run together as
@@ -170,13 +170,14 @@ def run_batch(program, rows, *, particles=None, seed=None, strategy=None, max_to
     keys = list(lowered)
     st = lowered[keys[0]][2]
     results = run_rows(lm, [(lowered[k][1].structure_key, lowered[k][1].program) for k in keys], st,
-                                 seed=seed, max_batch_particles=max_batch_particles, progress=progress)
+                                 seed=seed, max_batch_particles=max_batch_particles, progress=progress,
+                                 memory_limit=memory_limit)
     wall = time.perf_counter() - t0
     for k, raw in zip(keys, results):
         values, low, _, lower_s = lowered[k]
         try:
             if raw is None:  # failed inside its batch: a run of its own reports its error exactly
-                raw = engine.run(lm, low.program, st, seed=seed, progress=progress)
+                raw = engine.run(lm, low.program, st, seed=seed, progress=progress, memory_limit=memory_limit)
             elif isinstance(raw, Exception):
                 raise raw
             out[k] = _result(raw, low, values, lm, lower_s=lower_s, wall_s=wall)

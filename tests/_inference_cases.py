@@ -12,7 +12,8 @@ from lmprog.automata.values import ValueRule
 from lmprog.backends.toy import DEFAULT_TOY_VOCAB, ToyLM
 from lmprog.compiler.automaton import Automaton, stack_automata
 from lmprog.compiler.automaton import stack_holes
-from lmprog.compiler.constraints import Count, Regex, compile_hole
+from lmprog.compiler.constraint_ir import Count, Regex
+from lmprog.compiler.constraints import compile_hole
 from lmprog.inference import Hole, Host, Observe, SegmentProgram, Text
 
 BOS, EOS, A, B, C, SP, NL = range(7)

@@ -37,3 +37,23 @@ def engine_calls(monkeypatch):
 
     monkeypatch.setattr(engine, "run", counting)
     return seen
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_code():
+    """Drop JAX's compiled executables after every test module. XLA:CPU maps about 3 memory regions per
+    executable and Linux allows 65,530 maps per process (``vm.max_map_count``); the whole suite in one process
+    compiles enough distinct shapes that XLA crashed with a segfault while compiling, late in the run, on this
+    machine. Releasing each module's executables keeps the count bounded (the persistent cache still serves
+    them again cheaply). ``LMPROG_TEST_MAPS=FILE`` appends the process's map count after each module."""
+    yield
+    import os
+
+    import jax
+
+    log = os.environ.get("LMPROG_TEST_MAPS")
+    if log:
+        with open("/proc/self/maps") as f, open(log, "a") as out:
+            out.write(f"{sum(1 for _ in f)}\n")
+    jax.clear_caches()
+

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from lmprog.automata import HoleConstraints, TokenTable
 from lmprog.backends.tokenizer import byte_tokenizer
 from lmprog.compiler.automaton import Automaton, stack_automata, stack_holes
-from lmprog.compiler.constraints import Choices, Contains, Count, IsFloat, Not, Or, Regex, StopAt, compile_hole
+from lmprog.compiler.constraint_ir import Choices, Contains, Count, IsFloat, Not, Or, Regex, StopAt
+from lmprog.compiler.constraints import compile_hole
 from lmprog.compiler.vocab_index import compress_columns
 
 

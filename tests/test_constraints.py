@@ -26,10 +26,22 @@ import constraint_reference as ref
 from lmprog.backends.tokenizer import byte_tokenizer
 from lmprog.compiler import constraints as K
 from lmprog.compiler.bytedfa import ByteDFA
-from lmprog.compiler.constraints import (
-    And, Choices, CompiledHole, ConstraintError, Contains, Count, EndsWith, IsFloat, IsInt, Not, Or, Regex,
-    StartsWith, StopAt, compile_hole, plan_hole,
+from lmprog.compiler.constraint_ir import (
+    And,
+    Choices,
+    ConstraintError,
+    Contains,
+    Count,
+    EndsWith,
+    IsFloat,
+    IsInt,
+    Not,
+    Or,
+    Regex,
+    StartsWith,
+    StopAt,
 )
+from lmprog.compiler.constraints import CompiledHole, compile_hole, plan_hole
 
 MERGES = [("a", "b"), ("b", "Ċ"), ("1", "."), ("Ġ", "a"), ("Ã", "©"), ("a", "Ċ"), ("Ċ", "Ċ"), ("e", "Ġ"),
           ("ab", "a"), (".", "5")]

@@ -15,9 +15,19 @@ from hypothesis import strategies as st
 
 import constraint_reference as ref
 from lmprog.compiler.automaton import stack_holes
-from lmprog.compiler.constraints import (
-    Choices, Contains, Count, EndsWith, IsFloat, IsInt, Not, Regex, StartsWith, StopAt, compile_hole,
+from lmprog.compiler.constraint_ir import (
+    Choices,
+    Contains,
+    Count,
+    EndsWith,
+    IsFloat,
+    IsInt,
+    Not,
+    Regex,
+    StartsWith,
+    StopAt,
 )
+from lmprog.compiler.constraints import compile_hole
 
 LANGUAGE_MD = {
     "capital": ([Regex(r"[A-Z][a-z]+( [A-Z][a-z]+)*"), Count("tokens", "<=", 8)], "\n"),

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from lmprog.backends.tokenizer import Tokenizer, byte_tokenizer
 from lmprog.compiler import counters as C
-from lmprog.compiler.constraints import Choices, Count, Regex, compile_hole
+from lmprog.compiler.constraint_ir import Choices, Count, Regex
+from lmprog.compiler.constraints import compile_hole
 from lmprog.compiler.vocab_index import vocab_info
 
 WS = sorted({chr(c) for c in range(0x3001) if chr(c).isspace()})

@@ -11,7 +11,7 @@ import pytest
 
 import lmprog
 from lmprog.backends.toy import ToyLM
-from lmprog.compiler.lower import LoweringError
+from lmprog.compiler.errors import LoweringError
 from lmprog.inference import InferenceError
 
 VOCAB = ("<bos>", "<eos>", "a", "b", "c", " ", "\n", "Q", ":", "Z")

@@ -11,7 +11,8 @@ import pytest
 import lmprog
 from lmprog.backends.toy import ToyLM, toy_tokenizer
 from lmprog.compiler.inputs import resolve_inputs
-from lmprog.compiler.lower import LoweringError, lower
+from lmprog.compiler.errors import LoweringError
+from lmprog.compiler.lower import lower
 from lmprog.inference import Hole, Host, HostView, Text
 from tests.test_lower import VOCAB, ids, seq_prob, toy_lm
 
@@ -109,7 +110,7 @@ def test_prefix_check_of_a_formula_and_a_stop_at_value():
 
 
 def test_prefix_check_errors_kill_the_particle_and_fail_when_all_fail():
-    from lmprog.compiler.lower import RunError
+    from lmprog.compiler.errors import RunError
 
     def boom(v):
         if v.startswith("b"):

@@ -1,6 +1,6 @@
 """Language models and tokenizers: the protocol, the JAX Llama-family model, loaders and the registry."""
 
-from lmprog.backends.base import LanguageModel
+from lmprog.backends.base import LanguageModel, Prefix
 from lmprog.backends.registry import (
     DEFAULT_MODEL,
     ModelNotFoundError,
@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "LanguageModel",
     "ModelNotFoundError",
+    "Prefix",
     "Tokenizer",
     "available_models",
     "load_model",

@@ -9,17 +9,36 @@ Everything here is jittable and functional. A model is split into
 
 Positions are per row: row ``b`` of a ``[B, T]`` token block is written at cache slots
 ``positions[b] .. positions[b] + T - 1`` and attends to every slot ``< positions[b] + t + 1``.
+
+**A shared prefix.** ``apply(..., prefix=Prefix(cache1, S0))`` splits the sequence in two: ``cache1`` is a
+*one-row* cache whose slots ``0 .. S0 - 1`` hold a prefix every row shares (a prompt prefilled once, with
+``prefix=None``), and ``cache`` holds only each row's own slots, own slot ``s`` being absolute position
+``S0 + s``. Positions stay absolute (rotary embeddings need them): token ``t`` of row ``b`` sits at position
+``positions[b] + t >= S0``, is written at own slot ``positions[b] + t - S0`` and attends to prefix slots
+``0 .. S0 - 1`` and own slots ``0 .. positions[b] + t - S0``. The result is the same as with the prefix
+copied into every row of one cache (``broadcast``), but the prefix is stored once and read once per call.
+The prefix buffer may be longer than ``S0`` (``S0`` is traced, so prompts of nearby lengths share a
+compilation): slots ``>= S0`` of it are never read. It is a constant of the run: never donated, reordered
+or copied per row.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 
 from lmprog.backends.tokenizer import Tokenizer
 
 PyTree = Any
+
+
+class Prefix(NamedTuple):
+    """A prefix shared by every row of a batch (see the module docstring): ``cache`` is a one-row cache of
+    the model (``init_cache(1, S)``, ``S >= length``) whose slots ``0 .. length - 1`` are the prefix."""
+
+    cache: PyTree
+    length: jax.Array  # [] int32: S0, the number of prefix slots (traced)
 
 
 @runtime_checkable
@@ -47,12 +66,13 @@ class LanguageModel(Protocol):
         ...
 
     def apply(
-        self, params: PyTree, cache: PyTree, tokens: jax.Array, positions: jax.Array
+        self, params: PyTree, cache: PyTree, tokens: jax.Array, positions: jax.Array, prefix: Prefix | None = None
     ) -> tuple[jax.Array, PyTree]:
         """Run ``tokens [B, T] int32`` starting at per-row ``positions [B] int32``.
 
         Returns ``(logits [B, T, vocab_size] float32, cache)`` where ``logits[b, t]`` scores the token
-        that follows ``tokens[b, t]``. The returned cache has the new keys/values written in place.
+        that follows ``tokens[b, t]``. The returned cache has the new keys/values written in place. With a
+        ``prefix``, ``cache`` holds the rows' own slots after it and positions are absolute (module docstring).
         """
         ...
 

@@ -11,7 +11,9 @@ permuted for its interleaved RoPE, are un-permuted when loaded; see ``loaders.py
 
 The KV cache is preallocated, one ``[batch, n_kv_heads, max_len, head_dim]`` buffer per layer for keys and
 for values; a call scatters the new keys/values at each row's own positions and, under ``jit`` with the
-cache donated, updates it in place.
+cache donated, updates it in place. A shared prefix (:class:`~lmprog.backends.base.Prefix`: a one-row cache
+of the first ``S0`` positions) is attended to by every row without being copied into their caches: scores
+against it are one matmul for the whole batch, merged exactly with the scores against each row's own slots.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmprog.backends.base import Prefix
 from lmprog.backends.tokenizer import Tokenizer
 
 
@@ -123,15 +126,24 @@ def _write_rows(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.A
     return cache.at[rows, :, slots, :].set(new.astype(cache.dtype), mode="drop")
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, groups: int) -> jax.Array:
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, groups: int,
+               prefix_kv: tuple[jax.Array, jax.Array] | None = None, prefix_visible: jax.Array | None = None
+               ) -> jax.Array:
     """Grouped-query attention of ``q [B, T, H, D]`` over the cache ``k, v [B, KV, S, D]``.
 
     ``visible [B, T, S]`` says which cache slots each query sees. For one query per row (decoding) the
     scores are a fused multiply-reduce: XLA's CPU backend runs many tiny batched matmuls poorly.
+
+    With ``prefix_kv = (k, v)`` (``[KV, Sp, D]`` each, shared by every row, ``prefix_visible [Sp]``) the
+    softmax runs over the prefix slots and the row's own slots together, without concatenating them: the
+    scores against the prefix are one matmul for all rows and queries at once, each part is exponentiated
+    against the common maximum, and the two weighted sums of values are added before normalizing.
     """
     batch, seq, _, dim = q.shape
     kv = k.shape[1]
     qg = q.reshape(batch, seq, kv, groups, dim) * (1.0 / np.sqrt(dim))
+    if prefix_kv is not None:
+        return _attention_split(qg, k, v, visible, prefix_kv, prefix_visible)
     if seq == 1:
         scores = jnp.sum(qg[:, 0, :, :, None, :] * k[:, :, None, :, :], axis=-1)  # [B, KV, G, S]
         scores = jnp.where(visible[:, 0, None, None, :], scores, -jnp.inf)
@@ -144,7 +156,39 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, gro
     return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(batch, seq, kv * groups * dim)
 
 
-def _layer(c: LlamaConfig, w: LayerWeights, x, k_cache, v_cache, positions, cos, sin, visible):
+def _attention_split(qg, k, v, visible, prefix_kv, prefix_visible) -> jax.Array:
+    """:func:`_attention` over a shared prefix and the rows' own slots (``qg [B, T, KV, G, D]``, scaled)."""
+    batch, seq, kv, groups, dim = qg.shape
+    pk, pv = prefix_kv
+    # Every query sees its own slot, so the common maximum is finite.
+    if seq == 1:
+        q1 = qg[:, 0]  # [B, KV, G, D]
+        own = jnp.sum(q1[:, :, :, None, :] * k[:, :, None, :, :], axis=-1)  # [B, KV, G, S]: fused multiply-reduce
+        own = jnp.where(visible[:, 0, None, None, :], own, -jnp.inf)
+        # The prefix part in the KV-head-first layout of a batched matmul ([KV, B, G, Sp]: one matmul per KV
+        # head, for all rows), so only the small [.., 1] and [.., D] results are transposed, never the scores.
+        kfirst = lambda a: jnp.transpose(a, (1, 0, 2, 3))  # noqa: E731  [B, KV, ..] <-> [KV, B, ..]
+        pre = jnp.einsum("kbgd,ksd->kbgs", kfirst(q1), pk)
+        pre = jnp.where(prefix_visible, pre, -jnp.inf)
+        m = jnp.maximum(jnp.max(own, axis=-1, keepdims=True), kfirst(jnp.max(pre, axis=-1, keepdims=True)))
+        e_own, e_pre = jnp.exp(own - m), jnp.exp(pre - kfirst(m))
+        denom = jnp.sum(e_own, axis=-1, keepdims=True) + kfirst(jnp.sum(e_pre, axis=-1, keepdims=True))
+        out = jnp.sum(e_own[..., None] * v[:, :, None, :, :], axis=-2) + kfirst(jnp.einsum("kbgs,ksd->kbgd", e_pre, pv))
+        return (out / denom).reshape(batch, 1, kv * groups * dim)  # [B, KV, G, D] / [B, KV, G, 1]
+    own = jnp.einsum("btkgd,bksd->bkgts", qg, k)
+    own = jnp.where(visible[:, None, None, :, :], own, -jnp.inf)
+    pre = jnp.einsum("btkgd,ksd->bkgts", qg, pk)
+    pre = jnp.where(prefix_visible, pre, -jnp.inf)
+    m = jnp.maximum(jnp.max(own, axis=-1, keepdims=True), jnp.max(pre, axis=-1, keepdims=True))
+    e_own, e_pre = jnp.exp(own - m), jnp.exp(pre - m)
+    denom = jnp.sum(e_own, axis=-1, keepdims=True) + jnp.sum(e_pre, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", e_own, v) + jnp.einsum("bkgts,ksd->bkgtd", e_pre, pv)
+    out = out / denom  # [B, KV, G, T, D]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, seq, kv * groups * dim)
+
+
+def _layer(c: LlamaConfig, w: LayerWeights, x, k_cache, v_cache, slots, cos, sin, visible, prefix_kv=None,
+           prefix_visible=None):
     batch, seq = x.shape[:2]
     h = _rms_norm(x, w.attn_norm, c.rms_eps)
     q, k, v = h @ w.wq, h @ w.wk, h @ w.wv
@@ -153,9 +197,12 @@ def _layer(c: LlamaConfig, w: LayerWeights, x, k_cache, v_cache, positions, cos,
     q = _apply_rope(q.reshape(batch, seq, c.n_heads, c.head_dim), cos, sin)
     k = _apply_rope(k.reshape(batch, seq, c.n_kv_heads, c.head_dim), cos, sin)
     v = v.reshape(batch, seq, c.n_kv_heads, c.head_dim)
-    k_cache = _write_rows(k_cache, k, positions)
-    v_cache = _write_rows(v_cache, v, positions)
-    attn = _attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), visible, c.n_heads // c.n_kv_heads)
+    k_cache = _write_rows(k_cache, k, slots)
+    v_cache = _write_rows(v_cache, v, slots)
+    if prefix_kv is not None:
+        prefix_kv = tuple(a[0].astype(q.dtype) for a in prefix_kv)  # the one row: [KV, Sp, D]
+    attn = _attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), visible, c.n_heads // c.n_kv_heads,
+                      prefix_kv, prefix_visible)
     x = x + attn @ w.wo
     h = _rms_norm(x, w.ffn_norm, c.rms_eps)
     x = x + (jax.nn.silu(h @ w.w_gate) * (h @ w.w_up)) @ w.w_down
@@ -163,13 +210,18 @@ def _layer(c: LlamaConfig, w: LayerWeights, x, k_cache, v_cache, positions, cos,
 
 
 def forward(
-    config: LlamaConfig, weights: LlamaWeights, cache: KVCache, tokens: jax.Array, positions: jax.Array
+    config: LlamaConfig, weights: LlamaWeights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+    prefix: Prefix | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Logits for ``tokens [B, T]`` at positions ``positions[b] + t``; writes their keys/values into ``cache``.
 
     Row ``b`` attends to cache slots ``0 .. positions[b] + t``, so slots beyond a row's own length are
     never read (rows of different lengths share one cache). Layers are unrolled: on CPU this beats a
     ``lax.scan`` over stacked weights, which slices (copies) every layer's weights and cache per step.
+
+    With a ``prefix`` (its cache a one-row :class:`KVCache`, ``S0 = prefix.length``), positions stay absolute
+    and ``cache`` holds the slots after the prefix: token ``t`` of row ``b`` goes to slot
+    ``positions[b] + t - S0`` and attends to the ``S0`` prefix slots and its own slots up to that one.
     """
     seq = tokens.shape[1]
     max_len = cache.k[0].shape[2]
@@ -177,11 +229,18 @@ def forward(
     pos = positions[:, None] + jnp.arange(seq, dtype=positions.dtype)[None, :]  # [B, T]
     angles = pos[..., None].astype(jnp.float32) * weights.rope_inv_freq  # [B, T, D/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    if prefix is None:
+        slots, prefix_kvs, prefix_visible = positions, [None] * config.n_layers, None
+    else:
+        s0 = jnp.asarray(prefix.length, positions.dtype)
+        slots, pos = positions - s0, pos - s0  # own slots
+        prefix_kvs = list(zip(prefix.cache.k, prefix.cache.v))
+        prefix_visible = jnp.arange(prefix.cache.k[0].shape[2]) < s0  # [Sp]
     visible = jnp.arange(max_len)[None, None, :] <= pos[:, :, None]  # [B, T, S]
 
     new_k, new_v = [], []
-    for w, k_cache, v_cache in zip(weights.layers, cache.k, cache.v):
-        x, k_cache, v_cache = _layer(config, w, x, k_cache, v_cache, positions, cos, sin, visible)
+    for w, k_cache, v_cache, pkv in zip(weights.layers, cache.k, cache.v, prefix_kvs):
+        x, k_cache, v_cache = _layer(config, w, x, k_cache, v_cache, slots, cos, sin, visible, pkv, prefix_visible)
         new_k.append(k_cache)
         new_v.append(v_cache)
 
@@ -227,8 +286,8 @@ class LlamaModel:
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return init_cache(self.config, batch, max_len)
 
-    def apply(self, params, cache, tokens, positions):
-        return forward(self.config, params, cache, tokens, positions)
+    def apply(self, params, cache, tokens, positions, prefix: Prefix | None = None):
+        return forward(self.config, params, cache, tokens, positions, prefix)
 
     def reorder(self, cache: KVCache, ancestors: jax.Array) -> KVCache:
         return reorder_cache(cache, ancestors)
@@ -237,9 +296,10 @@ class LlamaModel:
         return broadcast_cache(cache, batch)
 
     # --- conveniences (host side) ---
-    def forward(self, cache: KVCache, tokens, positions) -> tuple[jax.Array, KVCache]:
+    def forward(self, cache: KVCache, tokens, positions, prefix: Prefix | None = None) -> tuple[jax.Array, KVCache]:
         """Jitted :meth:`apply` with the model's own weights; ``cache`` is donated (do not reuse it)."""
-        return self._jit_apply(self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32))
+        return self._jit_apply(self.params, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+                               prefix)
 
     def logprobs(self, ids) -> np.ndarray:
         """``[len(ids), vocab]`` next-token log-probabilities after each prefix of ``ids``."""

@@ -6,7 +6,9 @@ position and the last ``context`` tokens::
 
     logits(next | history) = table[min(pos, P - 1), ctx_index(history[pos - context + 1 .. pos])]
 
-where ``pos`` is the position of the last token. The same table drives :meth:`ToyLM.host_logits`
+where ``pos`` is the position of the last token. With a shared prefix
+(:class:`~lmprog.backends.base.Prefix`: a one-row history of the first ``S0`` positions) the history of row
+``b`` is the prefix's ``S0`` tokens followed by row ``b`` of the cache. The same table drives :meth:`ToyLM.host_logits`
 (numpy, no JAX), so tests can enumerate the exact distribution over short sequences and compare the
 jitted inference kernels against it. Logits may be ``-inf`` (impossible tokens).
 """
@@ -20,6 +22,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lmprog.backends.base import Prefix
 from lmprog.backends.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_TOY_VOCAB", "ToyLM", "toy_tokenizer"]
@@ -141,18 +144,22 @@ class ToyLM:
     def init_cache(self, batch: int, max_len: int):
         return jnp.full((batch, max_len), self.pad_id, jnp.int32)
 
-    def apply(self, params, cache, tokens, positions):
+    def apply(self, params, cache, tokens, positions, prefix: Prefix | None = None):
         tokens = jnp.asarray(tokens, jnp.int32)
         positions = jnp.asarray(positions, jnp.int32)
         b, t = tokens.shape
-        slots = positions[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+        slots = positions[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T] absolute positions
+        s0 = jnp.int32(0) if prefix is None else jnp.asarray(prefix.length, jnp.int32)
         rows = jnp.arange(b)[:, None]
-        cache = cache.at[rows, slots].set(tokens, mode="drop")
+        cache = cache.at[rows, slots - s0].set(tokens, mode="drop")
         v = self.vocab_size
         ctx = jnp.zeros_like(slots)
         for j in range(self.context - 1, -1, -1):  # oldest first
             s = slots - j
-            tok_j = jnp.take_along_axis(cache, jnp.clip(s, 0, cache.shape[1] - 1), axis=1)
+            tok_j = jnp.take_along_axis(cache, jnp.clip(s - s0, 0, cache.shape[1] - 1), axis=1)
+            if prefix is not None:  # positions < S0 are read from the shared one-row history
+                shared = prefix.cache[0, jnp.clip(s, 0, prefix.cache.shape[1] - 1)]
+                tok_j = jnp.where(s < s0, shared, tok_j)
             tok_j = jnp.where(s >= 0, tok_j, self.pad_id)
             ctx = ctx * v + tok_j
         table = params["table"]

@@ -86,6 +86,64 @@ class Automaton(NamedTuple):
                    + self.num_classes * PER_CLASS_BYTES)
 
 
+def path_lengths(next_state: np.ndarray, final: np.ndarray, start: int = 0) -> int | None:
+    """The lengths, in tokens, of the paths from ``start`` that end at their first final state, as a bit set
+    (bit ``l`` set: some such path has ``l`` transitions), or ``None`` when they are unbounded.
+
+    ``next_state`` is ``[S, C]`` over token classes (or tokens: a column per token); every allowed column is a
+    token, so a path's length is the number of tokens (decode steps) it takes. A hole ends on entering a final
+    state, so the transitions out of final states are ignored; only states reachable from ``start`` that can
+    still reach a final state count (a path into a dead end is not a way to end the hole). ``None``: a cycle
+    among those states (an open language: paths of every length)."""
+    from lmprog.compiler.bytedfa import bfs_reach
+
+    table = np.asarray(next_state)
+    final = np.asarray(final, bool)
+    n = table.shape[0]
+    src, col = np.nonzero(table >= 0)
+    dst = table[src, col].astype(np.int64)
+    src = src.astype(np.int64)
+    live = ~final[src]  # the hole has ended in a final state
+    codes = np.unique(src[live] * n + dst[live])
+    src, dst = codes // n, codes % n
+    useful = bfs_reach(n, src, dst, np.array([start])) & bfs_reach(n, dst, src, np.flatnonzero(final))
+    if not useful[start]:
+        return 0
+    keep = useful[src] & useful[dst]
+    src, dst = src[keep], dst[keep]
+    # Kahn's algorithm on the useful part: a cycle leaves states unordered.
+    nodes = np.flatnonzero(useful)
+    outdeg = np.bincount(src, minlength=n)
+    order = np.argsort(src, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=n))])
+    succ = dst[order]
+    preds_order = np.argsort(dst, kind="stable")
+    pindptr = np.concatenate([[0], np.cumsum(np.bincount(dst, minlength=n))])
+    pred = src[preds_order]
+    left = outdeg.copy()
+    stack = [int(s) for s in nodes if left[s] == 0]  # sinks of the useful part: final states
+    done = 0
+    bits: dict[int, int] = {}
+    while stack:
+        s = stack.pop()
+        done += 1
+        if final[s]:
+            bits[s] = 1
+        else:
+            acc = 0
+            for t in succ[indptr[s] : indptr[s + 1]]:
+                acc |= bits[int(t)]
+            bits[s] = acc << 1
+        for p in pred[pindptr[s] : pindptr[s + 1]]:
+            p = int(p)
+            left[p] -= 1
+            if left[p] == 0:
+                stack.append(p)
+    if done < nodes.size:
+        return None
+    return bits[int(start)]
+
+
 def _table(automata: Sequence[Automaton], hole_counters: Sequence[HoleCounters | None], pending, incs):
     if not automata:
         raise ValueError("stack_automata needs at least one automaton")

@@ -1,25 +1,8 @@
-"""Hole constraints: the intermediate representation and its compiler to token automata.
+"""Hole constraints compiled to token automata.
 
-The IR is a handful of frozen dataclasses, independent of the front end (the lowering from the AST builds
-them; each node takes an optional ``loc`` — any object whose ``str`` is ``file:line:col`` — that errors
-include). One hole's constraints are a conjunction (a list, or :class:`And`) of:
-
-=====================================  ===================================================================
-IR                                     meaning (``v`` is the hole's value, a ``str``)
-=====================================  ===================================================================
-``Regex(pattern)``                     ``re.fullmatch(pattern, v)`` (Rust ``regex`` syntax: no lookaround
-                                       or backreferences; a leading ``^`` / trailing ``$`` is ignored)
-``Choices(items)``                     ``v in items``
-``Contains(s)`` / ``StartsWith(s)``    ``s in v`` / ``v.startswith(s)`` / ``v.endswith(s)``
-``EndsWith(s)``
-``IsInt()``                            ``re.fullmatch(INT_PATTERN, v)``: ``-?[0-9]+``
-``IsFloat()``                          ``re.fullmatch(FLOAT_PATTERN, v)``: decimal, optional exponent
-``Not(c)`` / ``And(cs)`` / ``Or(cs)``  boolean combinations (of the kinds above; ``Not`` of a counter
-                                       flips its comparison)
-``Count(kind, op, n)``                 ``tokens(X)`` / ``len(X)`` / ``words(X)`` ``op n`` with ``op`` in
-                                       ``<= < == >= >``
-``StopAt(s, keep=True)``               ``stop_at`` (``keep=True``) / ``stop_before`` (``keep=False``)
-=====================================  ===================================================================
+The IR of one hole's constraints is :mod:`lmprog.compiler.constraint_ir` (frozen dataclasses: ``Regex``,
+``Choices``, ``Contains``/``StartsWith``/``EndsWith``, ``IsInt``/``IsFloat``, ``Not``/``And``/``Or``, ``Count``,
+``StopAt``); this module compiles it.
 
 :func:`compile_hole` turns the constraints of one hole, its terminator and a tokenizer into a
 :class:`CompiledHole`: a token automaton (:class:`~lmprog.compiler.automaton.Automaton`) whose allowed tokens
@@ -42,217 +25,33 @@ import numpy as np
 from lmprog.automata.counters import CHARS, INF, TOKENS, WORDS
 from lmprog.automata.values import ValueRule, generated_bytes
 from lmprog.compiler import counters as C
-from lmprog.compiler.automaton import Automaton
+from lmprog.compiler.automaton import Automaton, path_lengths
 from lmprog.compiler.bytedfa import ByteDFA, RegexError, escape_regex, minimize_labelled, product, useful_states
+from lmprog.compiler.constraint_ir import (
+    COUNT_KINDS,
+    FLOAT_PATTERN,
+    INT_PATTERN,
+    And,
+    Choices,
+    Constraint,
+    ConstraintError,
+    Contains,
+    Count,
+    EndsWith,
+    Grammar,
+    IsFloat,
+    IsInt,
+    JsonSchema,
+    Not,
+    Or,
+    Regex,
+    StartsWith,
+    StopAt,
+    is_language,
+)
 from lmprog.compiler.vocab_index import VocabInfo, compress_columns, token_transitions, vocab_info
-from lmprog.dsl.catalog import IS_FLOAT_REGEX, IS_INT_REGEX
 
-COMPILER_VERSION = "4"
-INT_PATTERN = IS_INT_REGEX  # -?[0-9]+
-FLOAT_PATTERN = IS_FLOAT_REGEX  # -?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?
-
-
-class ConstraintError(ValueError):
-    """A constraint that cannot be compiled: unsatisfiable, unsupported, or malformed.
-
-    ``loc`` (optional) is the source location (``file:line:col``); ``str(error)`` starts with it."""
-
-    def __init__(self, message: str, loc: Any = None):
-        self.message = message
-        self.loc = loc
-        super().__init__(f"{loc}: {message}" if loc is not None else message)
-
-
-# --------------------------------------------------------------------------------------------------
-# IR
-# --------------------------------------------------------------------------------------------------
-
-
-class Constraint:
-    """Base class of the constraint IR (frozen dataclasses; ``loc`` does not take part in equality)."""
-
-    loc: Any
-
-    def describe(self) -> str:  # pragma: no cover - overridden
-        return repr(self)
-
-
-def _loc():
-    return field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class Regex(Constraint):
-    pattern: str
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return f"matches r{self.pattern!r}"
-
-
-@dataclass(frozen=True)
-class Choices(Constraint):
-    items: tuple[str, ...]
-    loc: Any = _loc()
-
-    def __post_init__(self):
-        object.__setattr__(self, "items", tuple(self.items))
-
-    def describe(self) -> str:
-        return f"in {list(self.items)!r}"
-
-
-@dataclass(frozen=True)
-class Contains(Constraint):
-    s: str
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return f"contains(X, {self.s!r})"
-
-
-@dataclass(frozen=True)
-class StartsWith(Constraint):
-    s: str
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return f"startswith(X, {self.s!r})"
-
-
-@dataclass(frozen=True)
-class EndsWith(Constraint):
-    s: str
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return f"endswith(X, {self.s!r})"
-
-
-@dataclass(frozen=True)
-class IsInt(Constraint):
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return "is_int(X)"
-
-
-@dataclass(frozen=True)
-class IsFloat(Constraint):
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return "is_float(X)"
-
-
-@dataclass(frozen=True)
-class Not(Constraint):
-    c: Constraint
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return f"not {self.c.describe()}"
-
-
-@dataclass(frozen=True)
-class And(Constraint):
-    items: tuple[Constraint, ...]
-    loc: Any = _loc()
-
-    def __post_init__(self):
-        object.__setattr__(self, "items", tuple(self.items))
-
-    def describe(self) -> str:
-        return " and ".join(f"({c.describe()})" for c in self.items)
-
-
-@dataclass(frozen=True)
-class Or(Constraint):
-    items: tuple[Constraint, ...]
-    loc: Any = _loc()
-
-    def __post_init__(self):
-        object.__setattr__(self, "items", tuple(self.items))
-
-    def describe(self) -> str:
-        return " or ".join(f"({c.describe()})" for c in self.items)
-
-
-COUNT_KINDS = {"tokens": TOKENS, "len": CHARS, "words": WORDS}
-COUNT_OPS = ("<=", "<", "==", ">=", ">")
-_NEGATE = {"<=": ">", "<": ">=", ">=": "<", ">": "<="}
-
-
-@dataclass(frozen=True)
-class Count(Constraint):
-    kind: str  # "tokens" | "len" | "words"
-    op: str  # "<=" | "<" | "==" | ">=" | ">"
-    n: int
-    loc: Any = _loc()
-
-    def __post_init__(self):
-        if self.kind not in COUNT_KINDS:
-            raise ConstraintError(f"unknown counter {self.kind!r} (expected tokens, len or words)", self.loc)
-        if self.op not in COUNT_OPS:
-            raise ConstraintError(f"unsupported comparison {self.op!r} (expected {', '.join(COUNT_OPS)})", self.loc)
-        if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)):
-            raise ConstraintError(f"{self.kind}(X) must be compared with an integer, not {self.n!r}", self.loc)
-
-    def interval(self) -> tuple[int, int]:
-        n = int(self.n)
-        return {
-            "<=": (0, n), "<": (0, n - 1), "==": (n, n), ">=": (max(n, 0), INF), ">": (max(n + 1, 0), INF),
-        }[self.op]
-
-    def describe(self) -> str:
-        return f"{self.kind}(X) {self.op} {self.n}"
-
-
-@dataclass(frozen=True)
-class StopAt(Constraint):
-    """``stop_at(X, s)`` (``keep=True``: ``s`` is part of the value) / ``stop_before(X, s)`` (``keep=False``)."""
-
-    s: str
-    keep: bool = True
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return f"{'stop_at' if self.keep else 'stop_before'}(X, {self.s!r})"
-
-
-@dataclass(frozen=True)
-class Grammar(Constraint):
-    """``grammar(X, "file.lark")``: not supported yet (a later issue); compiling it raises ConstraintError."""
-
-    path: str
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return f"grammar(X, {self.path!r})"
-
-
-@dataclass(frozen=True)
-class JsonSchema(Constraint):
-    """``json(X, schema=...)``: not supported yet (a later issue); compiling it raises ConstraintError."""
-
-    schema: str
-    loc: Any = _loc()
-
-    def describe(self) -> str:
-        return f"json(X, schema={self.schema!r})"
-
-
-LANGUAGE_KINDS = (Regex, Choices, Contains, StartsWith, EndsWith, IsInt, IsFloat)
-
-
-def _is_language(c: Constraint) -> bool:
-    if isinstance(c, LANGUAGE_KINDS):
-        return True
-    if isinstance(c, Not):
-        return _is_language(c.c)
-    if isinstance(c, (And, Or)):
-        return all(_is_language(x) for x in c.items)
-    return False
+COMPILER_VERSION = "5"  # 5: CompiledHole.reach (cached with the hole)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +138,7 @@ def _push_not(c: Constraint) -> Constraint:
         return inner.c
     if isinstance(inner, StopAt):
         raise ConstraintError("`not` cannot apply to stop_at/stop_before", c.loc or inner.loc)
-    if not _is_language(inner) and _count_kind(inner) is None:
+    if not is_language(inner) and _count_kind(inner) is None:
         raise ConstraintError(f"`not` of {inner.describe()} is not supported", c.loc or inner.loc)
     return c
 
@@ -438,7 +237,7 @@ def plan_hole(constraints, following_text: str | None = None, loc=None) -> HoleP
             stops.append(c)
         elif _count_kind(c) is not None:
             counts.append(c)
-        elif _is_language(c):
+        elif is_language(c):
             language.append(c)
         elif isinstance(c, (Grammar, JsonSchema)):
             raise ConstraintError(f"{c.describe()} constraints are not supported yet", c.loc or loc)
@@ -645,6 +444,17 @@ class CompiledHole:
         plan: the normalised constraints.
         tokenizer_fingerprint: the tokenizer this was compiled for.
         compile_s: seconds spent compiling (0 when loaded from the cache); ``from_cache``: disk cache hit.
+        reach: the most tokens the hole can take — decode steps until ``done``, its terminator (text tokens,
+            the EOS token) included — under the engine's mask (:meth:`TokenTable.mask`, any budget), or
+            ``None`` when that is unbounded but by the budget. Fixed length ``tokens(X) == N``: ``N``.
+            Otherwise, when the automaton's useful part (states reachable from the start that can still
+            reach a final state; a hole ends on entering one) is acyclic: the longest path, in tokens, from the
+            start to a final state whose length the ``tokens(X)`` bounds allow (``tokens`` counts the
+            terminator's tokens too). A cyclic automaton (an open language): the greatest finite
+            ``tokens(X)`` bound, else ``None``. Bounds on ``len``/``words`` are not used, so it is an upper
+            bound there (exact for the automaton and the ``tokens`` bounds). For sizing only: the engine
+            reserves ``min(budget + slack, reach)`` buffer and KV-cache slots for the hole
+            (``Hole.reach``).
     """
 
     automaton: Automaton
@@ -657,6 +467,7 @@ class CompiledHole:
     inc_words: np.ndarray = field(repr=False)
     compile_s: float = 0.0
     from_cache: bool = False
+    reach: int | None = None
 
     @property
     def num_states(self) -> int:
@@ -749,7 +560,25 @@ def _term_text(term: Terminator) -> str:
     return "end of sequence" if term.kind == "eos" else "fixed length"
 
 
-def _compile(plan: HolePlan, info: VocabInfo, name: str, loc) -> tuple[Automaton, C.HoleCounters, np.ndarray]:
+def hole_reach(automaton: Automaton, bounds: C.Bounds, term: Terminator) -> int | None:
+    """:attr:`CompiledHole.reach` of a compiled automaton (see there)."""
+    tokens = bounds.sets[TOKENS]
+    if term.kind == "fixed":
+        return int(bounds.fixed_tokens)
+    lengths = path_lengths(automaton.next_state, automaton.final, automaton.start)
+    finite = [hi for _, hi in tokens if hi < INF]
+    if lengths is None:  # cyclic: only a tokens(X) upper bound limits it
+        return int(max(finite)) if finite and len(finite) == len(tokens) else None
+    allowed = 0
+    for lo, hi in tokens:
+        top = min(hi, lengths.bit_length() - 1)
+        if top >= lo:
+            allowed |= ((1 << (top + 1)) - 1) & ~((1 << lo) - 1)
+    best = (lengths & allowed) or lengths  # (no allowed length: the compiler rejects the hole)
+    return max(1, best.bit_length() - 1)
+
+
+def _compile(plan: HolePlan, info: VocabInfo, name: str, loc) -> tuple[Automaton, C.HoleCounters, np.ndarray, int | None]:
     content = language_dfa(And(plan.language)) if plan.language else ByteDFA.any_utf8()
     if content.is_empty:
         raise ConstraintError(f"the constraints on {name} allow no value: {_describe_plan(plan, name)}", loc)
@@ -817,7 +646,7 @@ def _compile(plan: HolePlan, info: VocabInfo, name: str, loc) -> tuple[Automaton
         raise ConstraintError(
             f"the bounds on {name} cannot be met: {_describe_plan(plan, name)} (with the {_term_text(term)})", loc)
     automaton = Automaton(class_table, final, 0, token_class)
-    return automaton, hc, labels[:, 0].astype(np.int32)
+    return automaton, hc, labels[:, 0].astype(np.int32), hole_reach(automaton, bounds, term)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -834,11 +663,12 @@ def cache_dir() -> Path:
 _MEMORY: dict[str, tuple] = {}
 
 
-def _save(path: Path, automaton: Automaton, hc: C.HoleCounters, pending: np.ndarray) -> None:
+def _save(path: Path, automaton: Automaton, hc: C.HoleCounters, pending: np.ndarray, reach: int | None) -> None:
     arrays = {
         "next_state": automaton.next_state, "final": automaton.final, "token_class": automaton.token_class,
         "pending": pending, "lo": hc.lo, "hi": hc.hi, "pend": hc.pend, "tracker": hc.tracker, "rmin": hc.rmin,
-        "rmax": hc.rmax, "meta": np.frombuffer(json.dumps({"start": automaton.start, "fixed": hc.fixed_len}).encode(),
+        "rmax": hc.rmax, "meta": np.frombuffer(json.dumps({"start": automaton.start, "fixed": hc.fixed_len,
+                                                           "reach": reach}).encode(),
                                                np.uint8),
     }
     for k, cum in hc.tables.items():
@@ -859,7 +689,8 @@ def _load(path: Path):
         mintok = {int(k[6:]): z[k] for k in z.files if k.startswith("mintok")}
         hc = C.HoleCounters(z["lo"], z["hi"], z["pend"], z["tracker"], z["rmin"], z["rmax"], tables,
                             int(meta["fixed"]), mintok)
-        return automaton, hc, z["pending"]
+        reach = meta["reach"]  # KeyError: an entry without it is recompiled
+        return automaton, hc, z["pending"], None if reach is None else int(reach)
 
 
 def compile_hole(
@@ -909,10 +740,10 @@ def compile_hole(
         if len(_MEMORY) > 512:
             _MEMORY.clear()
         _MEMORY[key] = hit
-    automaton, hc, pending = hit
+    automaton, hc, pending, reach = hit
     return CompiledHole(
         automaton, hc, pending, plan.terminator, plan, info.fingerprint, info.inc_chars, info.inc_words,
-        compile_s=time.perf_counter() - t0, from_cache=from_cache,
+        compile_s=time.perf_counter() - t0, from_cache=from_cache, reach=reach,
     )
 
 

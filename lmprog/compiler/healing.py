@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from lmprog.compiler import constraints as IR
+from lmprog.compiler import constraint_ir as IR
+from lmprog.compiler.constraints import plan_hole
 
 __all__ = ["heal_constraint", "heal_space"]
 
@@ -37,7 +38,7 @@ def heal_space(ir: list, parts: list, following: str = "", *,
             not parts[-1].endswith(" ") or parts[-1].endswith("  "):
         return None
     try:
-        term = IR.plan_hole(ir, following or None).terminator
+        term = plan_hole(ir, following or None).terminator
     except IR.ConstraintError:
         return None  # reported by compile_hole, unhealed
     if term.kind == "text" and term.text.startswith(" "):

@@ -32,10 +32,11 @@ from typing import Any, Callable, Hashable, Mapping, Optional
 import numpy as np
 
 from lmprog.automata.values import ValueRule
-from lmprog.compiler import constraints as IR
+from lmprog.compiler import constraint_ir as IR
+from lmprog.compiler.constraints import compile_hole
 from lmprog.compiler.automaton import stack_holes
 from lmprog.compiler.distributions import bind_params, dist_params, draw
-from lmprog.compiler.errors import LoweringError, RunError, error_message, file_span, lowering_error
+from lmprog.compiler.errors import RunError, error_message, file_span, lowering_error
 from lmprog.compiler.healing import heal_space
 from lmprog.compiler.predicates import (is_predicate_tree, predicate_atoms, predicate_label, prefix_check,
                                         prefixes_check, value_check)
@@ -46,7 +47,7 @@ from lmprog.dsl.constraints import conjuncts
 from lmprog.dsl.printer import constraint_to_source
 from lmprog.dsl.static import NotStatic, StaticError, static_value
 
-__all__ = ["Lowered", "Lowering", "LoweringError", "RunError", "lower", "structure_key"]
+__all__ = ["Lowered", "Lowering", "lower", "structure_key"]
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -72,18 +73,18 @@ class Lowered:
 def structure_key(segments, hole_keys) -> tuple:
     """What must agree for segment programs to run as groups of one engine call: the segment kinds in order;
     for holes their names, budgets (``max_tokens``), value rules, start states (a static start, or that the
-    start is per particle), and whether they have a ``prefix_check``; for text and observations whether they
-    are static or rendered (their tokens may differ: they are rendered per row); and the token table, as the
-    content keys of its compiled holes in order (``hole_keys``: the keys :func:`compile_hole` caches them
-    under, which name the constraints, the tokenizer and the compiler version), so no device arrays are
-    compared."""
+    start is per particle), whether they have a ``prefix_check``, and their ``reach`` (buffer sizes); for text
+    and observations whether they are static or rendered (their tokens may differ: they are rendered per row);
+    and the token table, as the content keys of its compiled holes in order (``hole_keys``: the keys
+    :func:`compile_hole` caches them under, which name the constraints, the tokenizer and the compiler
+    version), so no device arrays are compared."""
     from lmprog.inference import Hole, Host
 
     shape = []
     for s in segments:
         if isinstance(s, Hole):
             start = "per particle" if callable(s.start) else int(s.start)
-            shape.append(("hole", s.name, s.max_tokens, s.value, start, s.prefix_check is not None))
+            shape.append(("hole", s.name, s.max_tokens, s.value, start, s.prefix_check is not None, s.reach))
         elif isinstance(s, Host):
             shape.append(("host",))
         else:
@@ -248,7 +249,7 @@ class Lowering:
 
     def _empty_table(self):
         """A trivial token table (and its content keys) for a program without holes."""
-        hole = IR.compile_hole([IR.Choices(("x",))], self.tokenizer, name="__none")
+        hole = compile_hole([IR.Choices(("x",))], self.tokenizer, name="__none")
         table, _ = stack_holes([hole])
         return table, [_hole_key(hole)]
 
@@ -423,7 +424,7 @@ class Lowering:
         compiled = None
         if healed is not None:
             try:
-                compiled = IR.compile_hole(healed, self.tokenizer, following_text=following or None, name=name,
+                compiled = compile_hole(healed, self.tokenizer, following_text=following or None, name=name,
                                            loc=node.span)
                 ir, rule = healed, ValueRule(head=1, stop=compiled.value_rule.stop)
                 pending.parts[-1] = pending.parts[-1][:-1]  # the space moves into the hole
@@ -431,7 +432,7 @@ class Lowering:
                 pass
         try:
             if compiled is None:
-                compiled = IR.compile_hole(ir, self.tokenizer, following_text=following or None, name=name,
+                compiled = compile_hole(ir, self.tokenizer, following_text=following or None, name=name,
                                            loc=node.span)
         except IR.ConstraintError as exc:
             msg = str(exc)
@@ -464,7 +465,8 @@ class Lowering:
                                  rule, label)
         if not self.segments and self.first_node is None:
             self.first_node = node
-        self.segments.append(Hole(engine_name, _Start(index, guard), budget, rule, label, check))
+        self.segments.append(Hole(engine_name, _Start(index, guard), budget, rule, label, check,
+                                  reach=compiled.reach))
         scope = dict(scope)
         scope[name] = Ref("hole", engine_name)
         for c in preds:

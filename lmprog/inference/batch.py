@@ -18,7 +18,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from lmprog.inference import engine
+from lmprog.inference import engine, memory
 from lmprog.inference.segments import Hole, Host, Observe, SegmentProgram, Text
 
 __all__ = ["MAX_BATCH_PARTICLES", "combine", "run_groups", "run_rows"]
@@ -28,20 +28,21 @@ MAX_BATCH_PARTICLES = 4096
 
 
 def run_rows(lm, rows: Sequence[tuple[Hashable, SegmentProgram]], strategy, *, seed: int,
-             max_batch_particles: int = MAX_BATCH_PARTICLES, progress=None) -> list:
+             max_batch_particles: int = MAX_BATCH_PARTICLES, progress=None, memory_limit=None) -> list:
     """Run every ``(structure key, program)`` row with ``strategy``: rows with equal keys as groups of one
     engine call, in calls of equal size (as many as ``max_batch_particles`` needs; the last one padded with a
     copy of one of its rows, whose result is dropped), so they share one compiled kernel set.
 
     Returns per row, in order, a one-group :class:`InferenceResult`, the exception of a row that ran alone,
     or ``None`` for a row that failed inside its batch (every particle dead, a failing callable): run it alone
-    to get its own error. A strategy that is not ``batchable`` runs each row alone.
+    to get its own error. A strategy that is not ``batchable`` runs each row alone. Rows per call are also
+    limited to what fits in memory (``memory_limit``, see :mod:`lmprog.inference.memory`).
     """
     out: list = [None] * len(rows)
 
     def alone(k: int):
         try:
-            out[k] = engine.run(lm, rows[k][1], strategy, seed=seed, progress=progress)
+            out[k] = engine.run(lm, rows[k][1], strategy, seed=seed, progress=progress, memory_limit=memory_limit)
         except Exception as exc:  # noqa: BLE001 - reported in the row's place
             out[k] = exc
 
@@ -52,8 +53,9 @@ def run_rows(lm, rows: Sequence[tuple[Hashable, SegmentProgram]], strategy, *, s
     classes: dict[Hashable, list[int]] = {}
     for k, (key, _) in enumerate(rows):
         classes.setdefault(key, []).append(k)
-    per = max(1, int(max_batch_particles) // max(1, strategy.num_particles))
     for members in classes.values():
+        per = _rows_that_fit(lm, rows[members[0]][1], strategy, memory_limit,
+                             min(len(members), max(1, int(max_batch_particles) // max(1, strategy.num_particles))))
         size = -(-len(members) // -(-len(members) // per))  # rows per call: as many calls as needed, all one size
         for c0 in range(0, len(members), size):
             chunk = members[c0:c0 + size]
@@ -63,7 +65,8 @@ def run_rows(lm, rows: Sequence[tuple[Hashable, SegmentProgram]], strategy, *, s
             programs = [rows[k][1] for k in chunk]
             programs += [programs[0]] * (size - len(chunk))  # same batch shape as the other calls: no new compile
             try:
-                results = run_groups(lm, programs, strategy, seed=seed, progress=progress)[:len(chunk)]
+                results = run_groups(lm, programs, strategy, seed=seed, progress=progress,
+                                     memory_limit=memory_limit)[:len(chunk)]
             except Exception:  # noqa: BLE001 - e.g. every particle of every row died: the rows run alone
                 results = [None] * len(chunk)
             for k, res in zip(chunk, results):
@@ -71,13 +74,29 @@ def run_rows(lm, rows: Sequence[tuple[Hashable, SegmentProgram]], strategy, *, s
     return out
 
 
-def run_groups(lm, programs: Sequence[SegmentProgram], strategy, *, seed: int, progress=None) -> list:
+def _rows_that_fit(lm, program, strategy, memory_limit, upto: int) -> int:
+    """The most rows (``<= upto``) of ``program`` whose particles fit in one call (at least 1: a row alone gets
+    the pre-flight's own answer, waves or a clear error)."""
+    lay = engine.layout(lm, program, strategy)
+    rows = upto
+    while rows > 1:
+        try:
+            memory.plan(lm, program, strategy, rows, lay, engine.FEED_CHUNK, memory_limit)
+            return rows
+        except memory.MemoryPlanError:
+            rows = (rows + 1) // 2 if rows > 2 else 1
+    return 1
+
+
+def run_groups(lm, programs: Sequence[SegmentProgram], strategy, *, seed: int, progress=None,
+               memory_limit=None) -> list:
     """Run ``programs`` (of one structure) as the groups of one engine call. Returns one one-group
     :class:`InferenceResult` per program, or ``None`` for a row whose particles all died or whose callables
     raised."""
     n = strategy.num_particles
     failed: list = [None] * len(programs)
-    raw = engine.run(lm, combine(programs, n, failed), strategy, seed=seed, groups=len(programs), progress=progress)
+    raw = engine.run(lm, combine(programs, n, failed), strategy, seed=seed, groups=len(programs), progress=progress,
+                     memory_limit=memory_limit)
     out = []
     for g in range(len(programs)):
         part = raw.group(g)
@@ -146,8 +165,10 @@ def _combine_hole(first, col, n, per_row) -> list:
                         lambda m: np.ones(m, bool))
         return np.concatenate(parts)
 
+    reaches = [s.reach for s in col]  # sizing: enough room for every row's hole (equal under one structure key)
     return [replace(first, start=start if callable(first.start) else first.start,
-                    prefix_check=None if first.prefix_check is None else prefix_check)]
+                    prefix_check=None if first.prefix_check is None else prefix_check,
+                    reach=None if None in reaches else max(reaches))]
 
 
 def _combine_host(first, col, n, per_row) -> list:

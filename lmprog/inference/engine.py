@@ -3,7 +3,8 @@
 Strategies (:mod:`lmprog.inference.strategies`) are algorithms written on these blocks; the engine knows
 none of them. Per run::
 
-    setup:    shared prefix (leading static Text/Observe) -> prefilled once, batch 1 -> broadcast to P particles;
+    setup:    shared prefix (leading static Text/Observe) -> prefilled once, batch 1 -> its KV stored once
+              (Consts.prefix), attended to by all P particles, whose own caches hold only the slots after it;
               prompt text that is the same within each group -> prefilled once per distinct text (batch mode)
     walk:     for each later segment, the walker of its kind:
         Text / Observe -> kernels.feed (one batched LM call per <= 64 tokens)
@@ -32,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmprog.backends.base import Prefix
+from lmprog.inference import memory
 from lmprog.inference.kernel import TRACE_COUNTS, Kernels, get_kernels
 from lmprog.inference.segments import (
     CAUSE_TEXT,
@@ -51,6 +54,9 @@ __all__ = ["Control", "Part", "Progress", "Run", "Setup", "assemble", "run", "se
 
 FEED_CHUNK = 64  # forced tokens per batched LM call (bounds the [P, T, V] logits of observed text)
 PREFILL_CHUNK = 256  # prompt tokens per prefill call (batch 1)
+#: The shared prefix's KV is stored once (``Consts.prefix``) rather than broadcast into every particle's cache.
+#: ``False`` restores the broadcast (for comparisons: tests, ``benchmarks/bench_prompt_memory.py``).
+SHARE_PREFIX = True
 BIG = 1 << 30
 
 
@@ -65,7 +71,7 @@ class Progress:
 
 
 def run(lm, program: SegmentProgram, strategy, *, seed: int = 0, key: jax.Array | None = None, groups: int = 1,
-        chunk: int = 32, progress: Callable[[Progress], None] | None = None) -> InferenceResult:
+        chunk: int = 32, progress: Callable[[Progress], None] | None = None, memory_limit=None) -> InferenceResult:
     """Run ``program`` on ``lm`` with ``strategy`` (any :class:`~lmprog.inference.strategies.Strategy`).
 
     Args:
@@ -77,19 +83,51 @@ def run(lm, program: SegmentProgram, strategy, *, seed: int = 0, key: jax.Array 
             within a group); each group has its own log-evidence estimate. Batch mode runs a row per group.
         chunk: decode steps per device call (the host checks progress between chunks).
         progress: called with a :class:`Progress` after every chunk.
+        memory_limit: bytes (or ``"4G"``) the run may allocate beyond the loaded model; default: what the
+            device has free. The run is estimated first (:mod:`lmprog.inference.memory`); one that does not fit
+            runs in waves of fewer particles (``stats["waves"]``) when the strategy allows it.
 
     Raises:
         InferenceError: every particle (of every group) died; names the segment's label.
+        MemoryPlanError: the run cannot fit; says how many particles would.
     """
     t_start = time.perf_counter()
     strategy.validate()
     if groups != 1 and not strategy.groupable:
         raise ValueError(f"{strategy.name} runs a single group")
     key = key if key is not None else jax.random.key(seed)
+    mem = memory.plan(lm, program, strategy, groups, layout(lm, program, strategy), FEED_CHUNK, memory_limit)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
-        result = strategy.run(lm, program, key=key, groups=groups, chunk=chunk, progress=progress)
+        if mem.waves == 1:
+            result = strategy.run(lm, program, key=key, groups=groups, chunk=chunk, progress=progress)
+        else:
+            result = _run_waves(lm, program, strategy, mem, key, chunk, progress)
     result.stats["wall_s"] = time.perf_counter() - t_start
+    result.stats["memory_estimate"] = mem.need
+    return result
+
+
+def _run_waves(lm, program, strategy, mem, key, chunk, progress) -> InferenceResult:
+    """``strategy``'s particles in ``mem.waves`` independent runs of at most ``mem.wave_particles`` (keys folded
+    from ``key``), side by side: :meth:`InferenceResult.concat` (an island particle filter, properly weighted)."""
+    n, m = strategy.num_particles, mem.wave_particles
+    sizes = [m] * (n // m) + ([n % m] if n % m else [])
+    waves: list = []
+    for w, k in enumerate(sizes):
+        try:
+            waves.append(strategy.with_particles(k).run(lm, program, key=jax.random.fold_in(key, w), groups=1,
+                                                        chunk=chunk, progress=progress))
+        except InferenceError as exc:  # this island's Z estimate is 0: its particles are dead, not dropped
+            waves.append(exc)
+    alive = [w for w in waves if isinstance(w, InferenceResult)]
+    if not alive:
+        raise waves[0]
+    template = max(alive, key=lambda r: r.num_particles)
+    dead = sum(1 for w in waves if not isinstance(w, InferenceResult))
+    waves = [w if isinstance(w, InferenceResult) else template.dead_copy(k, w) for w, k in zip(waves, sizes)]
+    result = InferenceResult.concat(waves).relabel(strategy)
+    result.stats["dead_waves"] = dead
     return result
 
 
@@ -226,8 +264,9 @@ def _describe(seg) -> str:
 @dataclass
 class Setup:
     """What :func:`setup` computed once per run: the shared prefix (tokens, log-probability of its observed
-    part, prefill calls), the first segment to walk, the KV cache length, the terminator slack of holes and
-    the position bound at the first segment."""
+    part, prefill calls), the first segment to walk, the end of the KV cache (positions ``< cache_len``: the
+    shared prefix's ``len(prefix) - 1`` then the particles' own slots), the terminator slack of holes and the
+    position bound at the first segment."""
 
     prefix: list[int]
     prefix_lp: float
@@ -238,8 +277,70 @@ class Setup:
     pos0: int
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a run's tokens go, from the program and strategy alone (no allocation): the shared prefix (its
+    tokens, which are observed, the first segment after it), the terminator slack of holes, each particle's
+    token buffer (``buf_len``), the end of the KV cache (``cache_len``: positions ``< cache_len``), the shared
+    prefix's prefilled positions ``s0`` and its cache buffer (``prefix_buf``), and each particle's own cache
+    slots (``own_len``). :func:`setup` allocates by it; the memory pre-flight estimates by it."""
+
+    prefix: list
+    observed: list
+    first: int
+    slack: int
+    buf_len: int
+    cache_len: int
+    s0: int
+    prefix_buf: int
+
+    @property
+    def own_len(self) -> int:
+        return self.cache_len - self.s0 if SHARE_PREFIX else self.cache_len
+
+
+def layout(lm, program: SegmentProgram, strategy) -> Layout:
+    """The :class:`Layout` of ``program`` run with ``strategy`` on ``lm``. Raises ``ValueError`` when the program
+    needs more context than the model has, or starts without text on a model without BOS."""
+    tok = lm.tokenizer
+    # Tokens a hole may take beyond its tokens(X) budget: its terminator (>= 1 byte per token) or an EOS.
+    slack = program.table.max_pending() + 1
+    segs = program.segments
+    i0 = 0
+    prefix: list[int] = []
+    observed: list[bool] = []
+    while i0 < len(segs) and type(segs[i0]) in (Text, Observe) and segs[i0].tokens is not None:
+        prefix += list(segs[i0].tokens)
+        observed += [type(segs[i0]) is Observe] * len(segs[i0].tokens)
+        i0 += 1
+    if not prefix or observed[0]:
+        if tok.bos_id is None:
+            raise ValueError("the program must start with prompt text: the model has no BOS token to condition on")
+        prefix = [int(tok.bos_id)] + prefix
+        observed = [False] + observed
+    t0 = len(prefix)
+    sizes = [_room(seg, strategy, slack) for seg in segs[i0:]]
+    need = t0 + sum(sizes)
+    max_ctx = int(getattr(lm, "max_context", need + 1))
+    if need > max_ctx:
+        raise ValueError(f"the program needs up to {need} tokens of context; {lm.name} supports {max_ctx}")
+    buf_len = _round_up(max(1, sum(sizes)), 32)
+    # The shared prefix is stored once: its KV (positions 0 .. s0 - 1, prefilled at batch 1) becomes
+    # Consts.prefix, attended to by every particle, and the particles' own caches hold positions s0 ..
+    # cache_len - 1 only. Attention cost grows with the cache length: no slack beyond what the program can use
+    # (forced-text blocks are padded only up to the room left, see _feed); lengths are rounded up to 16 so
+    # that programs of nearby sizes share compilations.
+    s0 = t0 - 1  # prefix[:-1] is prefilled; prefix[-1] is every particle's pending token, at position s0
+    if SHARE_PREFIX:
+        cache_len = s0 + min(max_ctx - s0, _round_up(need + 1 - s0, 16))
+        prefix_buf = _round_up(max(s0, 1), 16)
+    else:  # the prefix broadcast into every particle's cache
+        cache_len = prefix_buf = min(max_ctx, _round_up(need + 1, 16))
+    return Layout(prefix, observed, i0, slack, buf_len, cache_len, s0, prefix_buf)
+
+
 def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress) -> tuple[Run, RunState, Setup]:
-    """Kernels, constants, the shared prefix prefilled once and broadcast, fresh particles."""
+    """Kernels, constants, the shared prefix prefilled once (``Consts.prefix``), fresh particles."""
     kern = get_kernels(lm, cfg)
     n = strategy.num_particles
     num = groups * n
@@ -253,43 +354,16 @@ def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress
         temperature=jnp.float32(strategy.temperature),
         ess_threshold=jnp.float32(getattr(strategy, "ess", 0.0)),
     )
-    # Tokens a hole may take beyond its tokens(X) budget: its terminator (>= 1 byte per token) or an EOS.
-    slack = program.table.max_pending() + 1
     r = Run(lm, program, strategy, kern, consts, groups, n, progress)
-
-    # ---- the shared prefix --------------------------------------------------------------------------
-    segs = program.segments
-    i0 = 0
-    prefix: list[int] = []
-    observed: list[bool] = []
-    prefix_labels: list[str] = []
-    while i0 < len(segs) and type(segs[i0]) in (Text, Observe) and segs[i0].tokens is not None:
-        is_observe = type(segs[i0]) is Observe
-        prefix += list(segs[i0].tokens)
-        observed += [is_observe] * len(segs[i0].tokens)
-        if is_observe:
-            prefix_labels.append(segs[i0].label)
-        i0 += 1
-    if not prefix or observed[0]:
-        if tok.bos_id is None:
-            raise ValueError("the program must start with prompt text: the model has no BOS token to condition on")
-        prefix = [int(tok.bos_id)] + prefix
-        observed = [False] + observed
-    t0 = len(prefix)
+    lay = layout(lm, program, strategy)
+    prefix, observed, i0, slack = lay.prefix, lay.observed, lay.first, lay.slack
+    t0, s0, buf_len, cache_len, prefix_buf = len(prefix), lay.s0, lay.buf_len, lay.cache_len, lay.prefix_buf
+    prefix_labels = [seg.label for seg in program.segments[:i0] if type(seg) is Observe]
     r.prefix_text = tok.decode(prefix, skip_special=True)
+    segs = program.segments
 
-    sizes = [_room(seg, strategy, slack) for seg in segs[i0:]]
-    need = t0 + sum(sizes)
-    max_ctx = int(getattr(lm, "max_context", need + 1))
-    if need > max_ctx:
-        raise ValueError(f"the program needs up to {need} tokens of context; {lm.name} supports {max_ctx}")
-    buf_len = _round_up(max(1, sum(sizes)), 32)
-    # Attention cost grows with the cache length: no slack beyond what the program can use (forced-text
-    # blocks are padded only up to the room left, see _feed).
-    cache_len = min(max_ctx, _round_up(need + 1, 16))
-
-    prefix_lp, cache1, n_prefill = _prefill(r, lm.init_cache(1, cache_len), prefix[:-1], prefix[1:], observed[1:], 0,
-                                            cache_len)
+    prefix_lp, cache1, n_prefill = _prefill(r, lm.init_cache(1, prefix_buf), prefix[:-1], prefix[1:], observed[1:], 0,
+                                            prefix_buf)
     prefix_lp = float(prefix_lp)
     if not prefix_lp > -math.inf:
         raise InferenceError(
@@ -298,7 +372,11 @@ def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress
             segment=0,
             causes={"observe": num},
         )
-    cache = lm.broadcast(cache1, num)
+    if SHARE_PREFIX:
+        r.consts = consts = consts._replace(prefix=Prefix(cache1, jnp.int32(s0)))
+        cache = lm.init_cache(num, cache_len - s0)
+    else:
+        cache = lm.broadcast(cache1, num)
     del cache1
 
     parts = init_particles(num, buf_len, len(program.holes), prefix[-1], t0 - 1, num_segments=len(segs) + 1,
@@ -326,11 +404,14 @@ def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress
 
 
 def _room(seg, strategy, slack: int) -> int:
-    """Token slots a segment may take in a particle's buffer and cache."""
+    """Token slots a segment may take in a particle's buffer and cache. A hole: its hard cap ``budget + slack``
+    (:func:`hole_params`), or fewer when its ``reach`` (the most steps its automaton allows) is known; the cap
+    is never below any path the mask allows, so sizing by reach never truncates a hole."""
     if type(seg) in (Text, Observe):
         return len(seg.tokens) if seg.tokens is not None else int(seg.max_tokens)
     if type(seg) is Hole:
-        return budget(seg, strategy) + slack
+        cap = budget(seg, strategy) + slack
+        return cap if seg.reach is None else min(cap, int(seg.reach))
     return 0
 
 
@@ -367,14 +448,13 @@ def prefill_group_text(run: Run, state: RunState, s: Setup) -> tuple[RunState, S
 
     The leading :class:`Text` segments after the shared prefix whose rows are the same for every particle of
     each group (batch mode: the rows of a batch differ only in their inputs, so each row's own prompt text is
-    its group's) are prefilled at batch 1, continuing the shared prefix's cache, once per distinct text, and
-    the caches are broadcast to the groups' particles, instead of being fed to every particle. The state is
-    the same as after feeding them (the tokens go into the particles' buffers, positions advance): only the
-    LM work is shared, and the prefill kernel already compiled for the shared prefix is reused. Stops at the
-    first segment whose rows differ within a group and at ``Observe`` (scored: fed as usual). Returns the
-    state and the setup with ``first`` moved past the segments it consumed. Not for traced runs (MCMC moves
-    resume at segment starts, so every segment is kept).
-    """
+    its group's) are prefilled at batch 1 into a one-row own cache (attending to the shared prefix), once per
+    distinct text, and the caches are broadcast to the groups' particles, instead of being fed to every
+    particle. The state is the same as after feeding them (the tokens go into the particles' buffers,
+    positions advance): only the LM work is shared. Stops at the first segment whose rows differ within a
+    group and at ``Observe`` (scored: fed as usual). Returns the state and the setup with ``first`` moved past
+    the segments it consumed. Not for traced runs (MCMC moves resume at segment starts, so every segment is
+    kept)."""
     segs = run.program.segments
     prefix, t0, num, n = s.prefix, len(s.prefix), run.num, run.n
     j = s.first
@@ -399,7 +479,7 @@ def prefill_group_text(run: Run, state: RunState, s: Setup) -> tuple[RunState, S
         state = state._replace(particles=p)
     if j == s.first:
         return state, s
-    cache1 = jax.tree.map(lambda x: x[:1], state.cache)  # every row holds the shared prefix
+    cache1 = jax.tree.map(lambda x: x[:1], state.cache)  # every row is the same: empty (or the shared prefix)
     calls = 0
     unique: dict[tuple, int] = {}
     caches = []
@@ -556,7 +636,7 @@ def hole_params(run: Run, state: RunState, h: int, hole: Hole, budget_: int, sla
         start=jnp.asarray(start, jnp.int32),
         hole=jnp.full((num,), h, jnp.int32),
         max_tokens=jnp.int32(budget_),
-        max_steps=jnp.int32(budget_ + slack),
+        max_steps=jnp.int32(budget_ + slack),  # not Hole.reach: sizing only (_room), the mask never sees it
         pause=jnp.int32(BIG),
     )
     return state, hp
@@ -601,7 +681,7 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
             break
         if steps_done > budget_ + s.slack + 1:  # pragma: no cover - the budget rule guarantees termination
             raise RuntimeError(f"hole {seg.name!r} did not finish within its budget of {budget_} tokens")
-    pos_bound += budget_ + s.slack
+    pos_bound += _room(seg, run.strategy, s.slack)  # the slots setup reserved for the hole
     if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
         state = run.call(kern.refine_causes, run.consts, hp, state)
     if check:

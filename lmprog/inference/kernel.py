@@ -118,10 +118,13 @@ class Kernels:
     def _prefill(self, params, consts: Consts, cache, tokens, position, targets, observed):
         """Feed ``tokens [1, T]`` at ``position`` into a one-row cache; return the summed log-probability of
         ``targets [1, T]`` where ``observed`` (``targets[t]`` is the prefix token after ``tokens[t]``).
-        Without observed tokens the logits are unused and XLA drops the LM head."""
+        Without observed tokens the logits are unused and XLA drops the LM head. With ``consts.prefix`` the
+        cache is a one-row own cache after the shared prefix (a batch row's prompt text), else the shared
+        prefix's own."""
         TRACE_COUNTS["prefill"] += 1
         v = consts.table.vocab_size
-        logits, cache = self.lm.apply(params, cache, tokens, jnp.reshape(position, (1,)).astype(jnp.int32))
+        logits, cache = self.lm.apply(params, cache, tokens, jnp.reshape(position, (1,)).astype(jnp.int32),
+                                      prefix=consts.prefix)
         logp = jax.nn.log_softmax(logits[..., :v].astype(jnp.float32) / consts.temperature, axis=-1)
         lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(observed, lp, 0.0)), cache
@@ -140,7 +143,7 @@ class Kernels:
         num, t = tokens.shape
         v = consts.table.vocab_size
         x = jnp.concatenate([p.last[:, None], tokens[:, :-1]], axis=1)
-        logits, cache = self.lm.apply(params, state.cache, x, p.position)
+        logits, cache = self.lm.apply(params, state.cache, x, p.position, prefix=consts.prefix)
         valid = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths[:, None]
         alive = p.cause == 0
         if observe:
@@ -253,7 +256,7 @@ class Kernels:
         """Tempered next-token logits ``[P, V]`` (``V``: the token table's width) and the updated cache."""
         p = state.particles
         v = consts.table.vocab_size
-        logits, cache = self.lm.apply(params, state.cache, p.last[:, None], p.position)
+        logits, cache = self.lm.apply(params, state.cache, p.last[:, None], p.position, prefix=consts.prefix)
         return logits[:, 0, :v].astype(jnp.float32) / consts.temperature, cache
 
     @staticmethod

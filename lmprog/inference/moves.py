@@ -21,6 +21,8 @@ segments before its cut (:class:`Cuts`, the walk's :class:`~lmprog.inference.eng
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,20 +91,24 @@ class Replay(Control):
         return ~self.replay
 
 
+@dataclass(frozen=True)
 class Sites:
-    """The sites of a program's executions: its host steps after the shared prefix and its hole tokens."""
+    """The sites of a program's executions: its host steps after the shared prefix (segment indices) and its
+    hole tokens (``hole_segments[h]``: the segment of hole ``h``)."""
 
-    def __init__(self, run: Run, s: Setup):
+    hosts: np.ndarray
+    hole_segments: np.ndarray
+    num_segments: int
+
+    @classmethod
+    def of(cls, run: Run, s: Setup) -> "Sites":
         segs = run.program.segments
-        self.hosts = np.array([j for j in range(s.first, len(segs)) if type(segs[j]) is Host], np.int64)
-        self.hole_segments = np.array([j for j, seg in enumerate(segs) if type(seg) is Hole], np.int64)
-        self.num_segments = len(segs)
+        return cls(np.array([j for j in range(s.first, len(segs)) if type(segs[j]) is Host], np.int64),
+                   np.array([j for j, seg in enumerate(segs) if type(seg) is Hole], np.int64), len(segs))
 
     def before(self, j: int) -> "Sites":
         """The sites of the program up to segment ``j`` (rejuvenation's intermediate target)."""
-        out = object.__new__(Sites)
-        out.hosts, out.hole_segments, out.num_segments = self.hosts[self.hosts < j], self.hole_segments, self.num_segments
-        return out
+        return replace(self, hosts=self.hosts[self.hosts < j])
 
     def count(self, spans: np.ndarray) -> np.ndarray:
         """``n(x)`` per particle: tokens inside hole spans (``spans [P, H, 2]``) plus the host sites."""

@@ -214,6 +214,45 @@ class InferenceResult:
             ess=self.ess[:, sl], resampled=self.resampled[:, sl], data=[self.data[g]] if self.data else [],
             stats=dict(self.stats, groups=1), extra=dict(self.extra), _samples={})
 
+    @classmethod
+    def concat(cls, waves: list["InferenceResult"]) -> "InferenceResult":
+        """Independent one-group runs of one program (memory waves) as one result: their particles side by side,
+        with their absolute log-weights, so ``exp(log_weights) / N`` is still an unbiased estimate of the
+        unnormalized target and ``log Z = logsumexp(all) - log N`` is the particle-weighted mean of the waves'
+        ``Z`` (an island particle filter). ESS histories stay per wave (``extra["wave_ess"]``; ``ess`` is the
+        first wave's)."""
+        first = waves[0]
+        if len(waves) == 1:
+            return first
+        cat = lambda name: np.concatenate([getattr(w, name) for w in waves], axis=1)  # noqa: E731
+        lw = cat("log_weights")
+        n = lw.shape[1]
+        stats = dict(first.stats)
+        for k in ("tokens", "forward_passes", "compile_s"):
+            stats[k] = sum(w.stats.get(k, 0) for w in waves)
+        stats.update(particles=n, waves=len(waves))
+        return replace(
+            first, tokens=cat("tokens"), lengths=cat("lengths"), spans=cat("spans"), log_weights=lw,
+            scores=cat("scores"), causes=cat("causes"), hole_logprobs=cat("hole_logprobs"),
+            log_z=None if first.log_z is None else logsumexp(lw) - np.log(n),
+            data=[[d for w in waves for d in (w.data[0] if w.data else [{}] * w.num_particles)]],
+            stats=stats, extra={**first.extra, "wave_ess": [w.ess[:, 0] for w in waves]}, _samples={})
+
+    def dead_copy(self, n: int, error) -> "InferenceResult":
+        """A one-group result of ``n <= num_particles`` particles shaped like this one, all dead by ``error`` (an
+        :class:`InferenceError`: its most frequent cause): a memory wave whose particles all died, whose
+        evidence estimate is 0."""
+        cause = max(error.causes, key=error.causes.get, default="constraint").upper()
+        code = int(Cause[cause]) if cause in Cause.__members__ else int(Cause.CONSTRAINT)
+        first = lambda a: a[:, :n]  # noqa: E731
+        return replace(
+            self, tokens=np.zeros_like(first(self.tokens)), lengths=np.zeros_like(first(self.lengths)),
+            spans=np.zeros_like(first(self.spans)), log_weights=np.full_like(first(self.log_weights), -np.inf),
+            scores=np.full_like(first(self.scores), -np.inf), causes=np.full_like(first(self.causes), code),
+            hole_logprobs=np.zeros_like(first(self.hole_logprobs)), data=[[{} for _ in range(n)]],
+            log_z=None if self.log_z is None else np.full_like(self.log_z, -np.inf),
+            ess=np.zeros((0, 1)), resampled=np.zeros((0, 1), bool), stats=dict(self.stats, particles=n), _samples={})
+
     def relabel(self, strategy) -> "InferenceResult":
         """The result as ``strategy``'s (a strategy that post-processes a base strategy's particles: its name,
         weighting and options; decoded samples are recomputed from the new weights)."""

@@ -140,6 +140,11 @@ class Hole:
             particle (cause ``HOST``). It returns ``True`` for particles that are dead, not in this hole, or
             whose partial value cannot be judged yet. The lowering also checks the complete value (every
             prefix of it) in a ``Host`` segment after the hole, so this is an early kill, not the only check.
+        reach: sizing only: an upper bound on the decode steps any particle can take in this hole under the
+            mask, from any start state it uses (``CompiledHole.reach``: the longest path of a finite
+            language, terminator included); buffers and the KV cache reserve ``min(budget + slack, reach)``
+            slots for the hole instead of ``budget + slack``. It never changes the mask, the budget or the
+            hard cap (same seed, same result). ``None``: unknown (size by the budget).
     """
 
     name: str
@@ -148,10 +153,13 @@ class Hole:
     value: ValueRule = ValueRule()
     label: str = ""
     prefix_check: Callable[["HostView"], np.ndarray] | None = None
+    reach: int | None = None
 
     def __post_init__(self):
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"hole {self.name!r}: max_tokens must be >= 1")
+        if self.reach is not None and self.reach < 1:
+            raise ValueError(f"hole {self.name!r}: reach must be >= 1")
 
 
 @dataclass(frozen=True)

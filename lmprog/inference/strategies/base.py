@@ -20,7 +20,7 @@ from typing import ClassVar
 from lmprog.catalog import CATALOG, COMMON_OPTIONS, Param, StrategySpec
 from lmprog.inference import engine
 
-__all__ = ["DEFAULT_MAX_TOKENS", "ParticleStrategy", "Strategy", "implements"]
+__all__ = ["DEFAULT_MAX_TOKENS", "OnBase", "ParticleStrategy", "Strategy", "implements"]
 
 _COMMON = {p.name: p for p in COMMON_OPTIONS}
 DEFAULT_MAX_TOKENS = int(_COMMON["max_tokens"].default)
@@ -61,6 +61,9 @@ class Strategy:
     properly_weighted: ClassVar[bool] = False
     particle_arg: ClassVar[str | None] = None
     groupable: ClassVar[bool] = True
+    #: Independent runs of fewer particles, combined by their absolute weights, are the same algorithm (memory
+    #: waves, :mod:`lmprog.inference.memory`).
+    waveable: ClassVar[bool] = False
 
     temperature: float = field(default=_COMMON["temperature"].default, metadata={"param": _COMMON["temperature"]})
     max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"param": _COMMON["max_tokens"]})
@@ -90,6 +93,19 @@ class Strategy:
     @property
     def num_particles(self) -> int:
         return int(getattr(self, self.particle_arg)) if self.particle_arg else 1
+
+    def with_particles(self, n: int) -> "Strategy":
+        """The same strategy with ``n`` particles (a memory wave)."""
+        return replace(self, **{self.particle_arg: int(n)}) if self.particle_arg else self
+
+    def footprint(self, groups: int = 1):
+        """``(KernelConfig, particles resident at once)`` of a run with ``groups`` groups: what the memory
+        pre-flight estimates."""
+        return self.kernel_config(groups), groups * self.num_particles
+
+    def kernel_config(self, groups: int = 1, chunk: int = 32):
+        """The static configuration of the kernels this strategy runs."""
+        raise NotImplementedError
 
     # ---- running ----------------------------------------------------------------------------------
 
@@ -127,9 +143,33 @@ class ParticleStrategy(Strategy):
     """A strategy that is one pass of weighted particles through the program: its kernels' static
     configuration (:meth:`kernel_config`) is all that tells it apart (sample, greedy, importance, smc, beam)."""
 
-    def kernel_config(self, groups: int = 1, chunk: int = 32):
-        raise NotImplementedError
-
     def run(self, lm, program, *, key, groups=1, chunk=32, progress=None):
         return engine.simulate(lm, program, self, self.kernel_config(groups, chunk), key=key, groups=groups,
                                progress=progress)
+
+
+@dataclass(frozen=True)
+class OnBase(Strategy):
+    """A strategy that runs a base strategy (``base``, default :meth:`default_base`) and post-processes its
+    finished samples with a host callable (its parameter named ``uses``): ``best_of`` (``score``), ``vote``
+    (``key``). One group; its memory is its base's."""
+
+    groupable: ClassVar[bool] = False
+    uses: ClassVar[str] = ""
+    base: Strategy | None = field(default=None)
+
+    def default_base(self) -> Strategy:
+        raise NotImplementedError
+
+    def base_strategy(self) -> Strategy:
+        return self.default_base() if self.base is None else self.base
+
+    def validate(self):
+        super().validate()
+        fn = getattr(self, self.uses)
+        if fn is None or not callable(fn):
+            raise ValueError(f"{self.name}: {self.uses} must be a callable on completed samples")
+        self.base_strategy().validate()
+
+    def footprint(self, groups: int = 1):
+        return self.base_strategy().footprint(groups)

@@ -7,6 +7,8 @@ weighted particles target ``p(x | constraints)``; ``mean(w)`` is an unbiased est
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from lmprog.inference.kernel import KernelConfig
 from lmprog.inference.strategies.base import ParticleStrategy, implements
 
@@ -16,6 +18,8 @@ __all__ = ["Importance"]
 @implements("importance")
 class Importance(ParticleStrategy):
     """Importance sampling with the locally-constrained proposal; weight = product of allowed masses."""
+
+    waveable: ClassVar[bool] = True
 
     def kernel_config(self, groups: int = 1, chunk: int = 32) -> KernelConfig:
         return KernelConfig(select="sample", weighted=True, resampler=None, groups=groups, chunk=chunk)

@@ -39,6 +39,12 @@ class MCMC(Strategy):
     def batchable(self) -> bool:
         return False  # per-chain histories and host snapshots per particle: rows run one after another
 
+    def footprint(self, groups: int = 1):
+        chains = int(self.chains) * groups
+        if self.move == "independent":  # every chain's proposal is an SMC run of `particles`
+            return SMC(particles=self.particles).kernel_config(groups=chains), chains * int(self.particles)
+        return replace(Importance(particles=chains).kernel_config(groups=1), trace=True), chains
+
     def validate(self):
         super().validate()
         if not 0 <= int(self.burn_in) < int(self.steps):
@@ -59,7 +65,7 @@ class MCMC(Strategy):
         key, k_run = jax.random.split(key)
         run, state, s = engine.setup(lm, program, base, cfg, 1, k_run, None)
         rng = host_rng(key)
-        sites = Sites(run, s)
+        sites = Sites.of(run, s)
         if init is None:
             state = start_chains(run, state, s)
         else:

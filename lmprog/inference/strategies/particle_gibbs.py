@@ -46,7 +46,7 @@ class ParticleGibbs(Strategy):
         cfg = self.kernel_config(groups=groups, chunk=chunk)
         key, k_run = jax.random.split(key)
         run, state, s = engine.setup(lm, program, self, cfg, groups, k_run, progress)
-        fresh = run.call(run.kern.copy, state)  # particles right after the shared prefix (its cache broadcast)
+        fresh = run.call(run.kern.copy, state)  # particles right after the shared prefix (own caches empty)
         rng = host_rng(key)
         replay = np.arange(num) % n == 0
         rec = Recorder()

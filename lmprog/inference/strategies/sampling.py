@@ -7,6 +7,8 @@ distorted distribution ``prod_t q(x_t)`` rather than the target ``p(x | constrai
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from lmprog.inference.kernel import KernelConfig
 from lmprog.inference.strategies.base import ParticleStrategy, implements
 
@@ -16,6 +18,8 @@ __all__ = ["Sampling"]
 @implements("sample")
 class Sampling(ParticleStrategy):
     """Locally-constrained decoding of ``n`` independent sequences (a baseline): NOT properly weighted."""
+
+    waveable: ClassVar[bool] = True
 
     def kernel_config(self, groups: int = 1, chunk: int = 32) -> KernelConfig:
         return KernelConfig(select="sample", weighted=False, resampler=None, groups=groups, chunk=chunk)

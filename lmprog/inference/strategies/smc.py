@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lmprog.inference import engine
@@ -32,6 +34,8 @@ __all__ = ["SMC"]
 class SMC(ParticleStrategy):
     """Sequential Monte Carlo: importance + resampling when ``ESS < ess * particles``; ``rejuvenate=K``
     suffix MH moves per particle after every resampling (weights unchanged)."""
+
+    waveable: ClassVar[bool] = True
 
     @property
     def batchable(self) -> bool:
@@ -63,7 +67,7 @@ class SMC(ParticleStrategy):
         # Moves regenerate with kernels that never resample (each particle is its own chain).
         move_kern = get_kernels(lm, replace(cfg, resampler=None, stop_on_resample=False))
         rng = host_rng(key)
-        sites = Sites(run, s)
+        sites = Sites.of(run, s)
         tally = {"proposed": 0, "accepted": 0, "rounds": 0}
 
         def rejuvenate(state: RunState, j: int, steps: int) -> RunState:
@@ -73,7 +77,7 @@ class SMC(ParticleStrategy):
                 alive = np.asarray(cause) == 0
                 state, acc = suffix_moves(run, state, s, rng, alive, sites, stop=(j, steps), kern=move_kern)
                 # The move leaves the intermediate target invariant: the SMC weights stay as they were.
-                state = state._replace(particles=state.particles._replace(log_weight=jax.numpy.asarray(log_weight)))
+                state = state._replace(particles=state.particles._replace(log_weight=jnp.asarray(log_weight)))
                 tally["proposed"] += int(alive.sum())
                 tally["accepted"] += int(acc.sum())
             return state
