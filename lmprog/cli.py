@@ -147,6 +147,8 @@ def _print_result(console, result, path: str) -> None:
         console.print(f"[dim]... {len(result.posterior) - 20} more values (use --json for all)[/dim]")
     ess = result.ess
     ess_text = f"{min(ess):.1f} min, {ess[-1]:.1f} final" if ess else "n/a"
+    if st.get("waves"):  # memory waves: the ESS history is the first wave's
+        ess_text += f" (first of {st['waves']} memory waves)"
     logz = f"{result.log_evidence:.3f}" if result.log_evidence is not None else "n/a"
     console.print(
         f"log Z = {logz}   ESS = {ess_text}   particles = {st.get('particles')} ({st.get('dead', 0)} dead)   "

@@ -129,6 +129,12 @@ def test_the_cli_stops_with_exit_2_and_says_how_many_particles_fit(tmp_path, cap
     m = re.search(r"beam with 256 particles needs about .* available .*at most (\d+) particles fit", err)
     assert m and 0 < int(m.group(1)) < 256, err
     assert cli.main(["run", str(src), "--memory-limit", str(need)]) == 0
+    smc = tmp_path / "smc.lmp"
+    smc.write_text(src.read_text().replace("beam(width=256)", "smc(particles=256)"))
+    capsys.readouterr()
+    quarter = plan(lm, low.program, SMC(particles=64), memory_limit="64G").need
+    assert cli.main(["run", str(smc), "--memory-limit", str(quarter)]) == 0  # smc splits into waves instead
+    assert re.search(r"first of \d+ memory waves.*particles = 256", capsys.readouterr().out, re.S)
     with pytest.raises(SystemExit):
         cli.main(["run", str(src), "--memory-limit", "lots"])
     assert "not a memory size" in capsys.readouterr().err
