@@ -113,11 +113,10 @@ def cache_slot_bytes(lm) -> int:
     return max(0, (size(32) - size(16)) // 16)
 
 
-def estimate(lm, layout, num: int, cfg, vocab: int, table_bytes: int, observe_width: int) -> dict:
-    """The parts of a run's memory (bytes), see the module docstring. ``layout``: the engine's
-    :class:`~lmprog.inference.engine.Layout`; ``num``: particles in all (groups x particles);
-    ``observe_width``: the widest block of observed text fed at once after the shared prefix (0: none)."""
-    slot = cache_slot_bytes(lm)
+def estimate(slot: int, layout, num: int, cfg, vocab: int, table_bytes: int, observe_width: int) -> dict:
+    """The parts of a run's memory (bytes), see the module docstring. ``slot``: :func:`cache_slot_bytes` of the
+    model; ``layout``: the engine's :class:`~lmprog.inference.engine.Layout`; ``num``: particles in all (groups
+    x particles); ``observe_width``: the widest block of observed text fed at once after the shared prefix."""
     copies = 1 + int(cfg.resampler is not None or cfg.select == "beam") + int(cfg.trace)
     return {
         "caches": num * layout.own_len * slot * copies,
@@ -136,11 +135,12 @@ def plan(lm, program, strategy, groups: int, layout, feed_chunk: int, memory_lim
     Raises :class:`MemoryPlanError` when even the smallest allowed split does not fit."""
     limit = parse_size(memory_limit) if memory_limit is not None else int(available_bytes() * SAFETY)
     width = min(feed_chunk, _observe_width(program, layout.first))
+    slot = cache_slot_bytes(lm)  # once: the wave search and the bisection below estimate many particle counts
 
     def need(particles: int) -> tuple[int, dict]:
         cfg, num = strategy.with_particles(max(1, particles)).footprint(groups)
         num = num if particles else 0
-        parts = estimate(lm, layout, num, cfg, program.vocab, program.table.nbytes, width)
+        parts = estimate(slot, layout, num, cfg, program.vocab, program.table.nbytes, width)
         return sum(parts.values()), parts
 
     n = strategy.num_particles
