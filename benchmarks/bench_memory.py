@@ -188,9 +188,10 @@ def _estimate(runs: list[dict], n: int) -> tuple[float, str]:
         a, b = runs[0], runs[-1]
         per = max(0.0, (b["peak_rss"] - a["peak_rss"]) / (b["particles"] - a["particles"]))
         how = f"{per / 2**20:.2f} MiB/particle measured"
-    else:  # a priori: the KV cache (twice: resampling gathers a copy) and a dozen [V] float32 rows per particle
-        slots = (base["setup"] or {}).get("cache_len", 272)
-        per = 2 * slots * (base["slot_bytes"] or 46080) + 12 * 4 * base["vocab"]
+    else:  # a priori: the own KV cache once (resampling moves row indices; decode blocks are bounded), its
+        # particle state and buffers
+        slots = (base["setup"] or {}).get("own_slots") or (base["setup"] or {}).get("cache_len", 272)
+        per = slots * (base["slot_bytes"] or 46080) + 4096
         how = f"{per / 2**20:.2f} MiB/particle a priori"
     return base["peak_rss"] + per * max(0, n - base["particles"]), how
 

@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["broadcast", "shared"], choices=["broadcast", "shared"])
     parser.add_argument("--decode-step", action="store_true", help="time one decode step instead (model alone)")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="rows for --decode-step")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON too (last line)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prompt", type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="shared", help=argparse.SUPPRESS)
@@ -176,6 +177,8 @@ def main() -> None:
             lo, hi = min(peaks), max(peaks)
             console.print(f"{mode}: peak at {hi} tokens / peak at {lo} tokens = {peaks[hi] / peaks[lo]:.2f}x")
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {__import__('jax').__version__}")
+    if args.json:
+        print(json.dumps({"particles": args.particles, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ MCMC_MOVES = ("suffix", "independent")
 COMMON_OPTIONS: tuple[Param, ...] = (
     Param("max_tokens", "int", 256, low=1),
     Param("temperature", "float", 1.0, low=0, open_low=True),
-    Param("seed", "int", 0),
+    Param("seed", "int", 0, low=0, high=2**32 - 1),  # as runner.SEED_RANGE (JAX keeps 32 bits of a seed)
 )
 
 _M = "lmprog.inference.strategies."

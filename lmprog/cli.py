@@ -89,7 +89,45 @@ class _UsageError(Exception):
 
 def _run_options(args) -> dict:
     return dict(particles=args.particles, seed=args.seed, strategy=args.strategy, max_tokens=args.max_tokens,
-                temperature=args.temperature, model=args.model, memory_limit=args.memory_limit)
+                temperature=args.temperature, model=args.model, memory_limit=args.memory_limit,
+                host_timeout=args.host_timeout)
+
+
+def _engine_options(args) -> dict:
+    """The run options without the model name (the commands load the model themselves)."""
+    return {k: v for k, v in _run_options(args).items() if k != "model"}
+
+
+def _check_run_options(program, args) -> None:
+    """Bad options exit 2 before the model loads or any output file is touched."""
+    from lmprog.runner import check_options
+
+    opts = _engine_options(args)
+    check_options(program, **{k: opts[k] for k in ("particles", "seed", "strategy", "max_tokens", "temperature",
+                                                   "host_timeout")})
+
+
+def _check_out_path(path: str, protected: list[str]) -> None:
+    """Refuse an output path that cannot be written, before any work: a folder, a missing folder, no write
+    permission, or the same file as one of ``protected`` (the program, the input rows)."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise _UsageError(f"--out {path}: is a folder; give the name of a file to write")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise _UsageError(f"--out {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise _UsageError(f"--out {path}: not writable (permission denied)")
+    for other in protected:
+        try:
+            same = p.exists() and os.path.samefile(p, other)
+        except OSError:
+            same = False
+        if same:
+            raise _UsageError(f"--out {path}: is the same file as {other}; writing it would destroy it")
 
 
 def _progress_runner(console, enabled: bool):
@@ -187,21 +225,28 @@ def _cmd_run(args) -> int:
     console = Console(stderr=args.json)
     program = load(args.file)
     sets = _parse_sets(args.set)
+    if args.out:
+        _check_out_path(args.out, [args.file])
+    _check_run_options(program, args)
     from lmprog.runner import get_model, run_program
 
     model = args.model or program.model or program.default_model
     with console.status(f"loading {model} ...") if not args.json else _null():
         lm = get_model(model)
     with _progress_runner(console, not args.json) as progress:
-        result = run_program(program, sets, from_text=True, lm=lm, progress=progress,
-                             **{k: v for k, v in _run_options(args).items() if k != "model"})
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(result.to_json() + "\n")
+        result = run_program(program, sets, from_text=True, lm=lm, progress=progress, **_engine_options(args))
+    text = result.to_json()
     if args.json:
-        sys.stdout.write(result.to_json() + "\n")
+        sys.stdout.write(text + "\n")
     else:
         _print_result(console, result, args.file)
+    if args.out:  # after printing: a failing write loses nothing that was not shown
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            print(f"lmprog: error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -213,59 +258,205 @@ def _null():
 
 def _cmd_batch(args) -> int:
     import contextlib
-    import json
 
     from rich.console import Console
 
     from lmprog.program import load
-    from lmprog.runner import get_model, run_batch
+    from lmprog.runner import get_model, iter_batch
 
     console = Console(stderr=True)
     program = load(args.file)
     try:
         with open(args.inputs, encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except OSError as exc:
-        raise _UsageError(f"cannot read {args.inputs}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _UsageError(f"cannot read {args.inputs}: {getattr(exc, 'strerror', None) or exc}") from None
+    if args.resume and not args.out:
+        raise _UsageError("--resume needs --out: the output file whose rows are already done")
+    if args.out:
+        _check_out_path(args.out, [args.inputs, args.file])
+    _check_run_options(program, args)
+    rows, bad, blank = _parse_rows(lines, args.inputs)
+    if blank:
+        shown = ", ".join(str(b) for b in blank[:10]) + (", ..." if len(blank) > 10 else "")
+        console.print(f"skipped {len(blank)} blank line{'s' if len(blank) != 1 else ''} of {args.inputs} "
+                      f"(line{'s' if len(blank) != 1 else ''} {shown})", highlight=False)
+    total = len(rows) + len(bad)
+    done = _done_rows(args.out, rows, total, console) if args.resume else {}
+    if done:
+        console.print(f"resuming: {len(done)}/{total} rows already in {args.out}", highlight=False)
     model = args.model or program.model or program.default_model
     with console.status(f"loading {model} ..."):
         lm = get_model(model)
 
-    # Parse every line first; the valid rows then run together (one engine call per group of rows with the
-    # same structure, see runner.run_batch), and each record is written in input order.
-    numbered = [(i, line) for i, line in enumerate(lines) if line.strip()]
-    records: list[dict | None] = [None] * len(numbered)
-    valid: list[tuple[int, dict]] = []
-    for n, (i, line) in enumerate(numbered):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            records[n] = {"row": n, "error": f"{args.inputs}:{i + 1}: not valid JSON: {exc.msg}"}
-            continue
-        if not isinstance(row, dict):
-            records[n] = {"row": n, "error": f"{args.inputs}:{i + 1}: a row must be a JSON object of input values"}
-            continue
-        valid.append((n, row))
-    options = {k: v for k, v in _run_options(args).items() if k != "model"}
-    with _progress_runner(console, True) as progress:
-        results = run_batch(program, [row for _, row in valid], lm=lm, progress=progress, **options)
-    for (n, row), result in zip(valid, results):
-        if isinstance(result, BaseException):
-            records[n] = {"row": n, "error": str(result)}
-        else:
-            records[n] = {"row": n, "inputs": row, **result.to_dict()}
+    kinds = dict(done)  # row -> "ok" / "input" / "run", every row written so far
+    written = 0
+    todo = [r for r in rows if r[0] not in done]
+    try:
+        with (open(args.out, "a" if args.resume else "w", encoding="utf-8") if args.out
+              else contextlib.nullcontext(sys.stdout)) as out:
+            def write(record: dict, kind: str) -> None:
+                nonlocal written
+                out.write(_record_json(record) + "\n")
+                out.flush()  # on disk at once: an interrupted batch keeps every finished row
+                written += 1
+                kinds[record["row"]] = kind
+                if kind != "ok":
+                    console.print(f"[red]row {record['row']} ({args.inputs}:{record['line']}):[/red] "
+                                  f"{record['error']}", markup=True, highlight=False)
 
-    failed = 0
-    with (open(args.out, "w", encoding="utf-8") if args.out else contextlib.nullcontext(sys.stdout)) as out:
-        for n, record in enumerate(records):
-            if "error" in record:
-                failed += 1
-                line_no = numbered[n][0] + 1
-                console.print(f"[red]row {n} ({args.inputs}:{line_no}):[/red] {record['error']}", markup=True,
-                              highlight=False)
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    console.print(f"{len(records) - failed}/{len(records)} rows ok" + (f" -> {args.out}" if args.out else ""))
-    return 1 if failed else 0
+            for n, line_no, message in bad:
+                if n not in done:
+                    write({"row": n, "line": line_no, "error": message, "error_kind": "input"}, "input")
+            with _progress_runner(console, True) as progress:
+                outcomes = iter_batch(program, [row for _, _, row in todo], lm=lm, progress=progress,
+                                      **_engine_options(args))
+                for k, outcome in outcomes:
+                    n, line_no, row = todo[k]
+                    if isinstance(outcome, BaseException):
+                        code, message = _failure(outcome)
+                        kind = "input" if code == 2 else "run"
+                        write({"row": n, "line": line_no, "error": message, "error_kind": kind}, kind)
+                    else:
+                        write({"row": n, "line": line_no, "inputs": row, **outcome.to_dict()}, "ok")
+    except KeyboardInterrupt:
+        where = f" to {args.out}" if args.out else ""
+        console.print(f"interrupted: {written} row{'s' if written != 1 else ''} written{where} "
+                      f"({len(kinds)}/{total} rows done)"
+                      + ("; run the same command with --resume to finish" if args.out else ""), highlight=False)
+        return 130
+    if args.out:
+        _sort_records(args.out)
+    failed = {k for k in kinds.values() if k != "ok"}
+    n_failed = sum(1 for k in kinds.values() if k != "ok")
+    console.print(f"{len(kinds) - n_failed}/{total} rows ok" + (f" -> {args.out}" if args.out else ""),
+                  highlight=False)
+    return 1 if "run" in failed else 2 if failed else 0
+
+
+def _parse_rows(lines: list[str], name: str) -> tuple[list, list, list]:
+    """The rows of a JSONL file: ``(rows, bad, blank)``; ``rows``: ``(row, line, dict)`` for each valid line,
+    ``bad``: ``(row, line, message)`` for lines that are no JSON object of inputs, ``blank``: the line numbers
+    of blank lines (no row). Rows are numbered from 0 over the non-blank lines. JSON is read strictly: NaN,
+    Infinity and numbers too large for a float are refused (JSON has none of them)."""
+    import json
+
+    rows, bad, blank = [], [], []
+    n = 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            blank.append(i + 1)
+            continue
+        try:
+            row = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
+        except _NonFinite as exc:
+            bad.append((n, i + 1, f"{name}:{i + 1}: {exc} (JSON has no NaN or Infinity; inputs must be finite "
+                                  f"numbers)"))
+        except json.JSONDecodeError as exc:
+            bad.append((n, i + 1, f"{name}:{i + 1}: not valid JSON: {exc.msg} (column {exc.colno})"))
+        else:
+            if isinstance(row, dict):
+                rows.append((n, i + 1, row))
+            else:
+                bad.append((n, i + 1, f"{name}:{i + 1}: a row must be a JSON object of input values, "
+                                      f"such as {{\"country\": \"Japan\"}}"))
+        n += 1
+    return rows, bad, blank
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(token: str):
+    raise _NonFinite(f"{token} is not valid JSON")
+
+
+def _finite_float(token: str) -> float:
+    import math
+
+    x = float(token)
+    if not math.isfinite(x):
+        raise _NonFinite(f"{token} is too large for a float")
+    return x
+
+
+def _record_json(record: dict) -> str:
+    """One output line (strict JSON; the inputs echoed are finite by construction)."""
+    from lmprog.result import dumps
+
+    return dumps(record)
+
+
+def _done_rows(path: str, rows: list, total: int, console) -> dict:
+    """``{row: kind}`` of the records already in ``path`` (``--resume``). A last line cut short by an
+    interrupted write is dropped from the file; any other line that is not a record of this batch is an
+    error (a different input file, or not an output of ``lmprog batch``)."""
+    import json
+    import os
+
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    given = {n: row for n, _, row in rows}
+    done: dict = {}
+    offset = 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            offset += len(line) + 1
+            continue
+        try:
+            record = json.loads(line)
+            n = record["row"] if isinstance(record, dict) else None
+            ok = isinstance(n, int) and not isinstance(n, bool)
+        except ValueError:
+            ok = False
+        if not ok:
+            if i == len(lines) - 1:  # cut short by an interrupted write: drop it
+                with open(path, "r+", encoding="utf-8") as f:
+                    f.truncate(len(text[:offset].encode("utf-8")))
+                console.print(f"{path}:{i + 1}: dropped an incomplete last line", highlight=False)
+                break
+            raise _UsageError(f"--resume: {path}:{i + 1} is not a record of lmprog batch")
+        if not 0 <= n < total:
+            raise _UsageError(f"--resume: {path}:{i + 1} is row {n}, but the input has {total} rows: "
+                              f"was it written for another input file?")
+        if "inputs" in record and n in given and record["inputs"] != given[n]:
+            raise _UsageError(f"--resume: {path}:{i + 1} (row {n}) was computed for other inputs than the input's "
+                              f"row {n}: was it written for another input file?")
+        done[n] = "ok" if "error" not in record else record.get("error_kind", "run")
+        offset += len(line) + 1
+    return done
+
+
+def _sort_records(path: str) -> None:
+    """Rewrite a finished batch's output in row order (rows are written as they finish); nothing is
+    rewritten when the order is already right or a line is not a record."""
+    import contextlib
+    import json
+    import os
+    import tempfile
+
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    try:
+        keys = [json.loads(line)["row"] for line in lines]
+    except (ValueError, KeyError, TypeError):
+        return
+    if keys == sorted(keys):
+        return
+    order = sorted(range(len(lines)), key=lambda i: keys[i])
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".lmprog-batch-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(lines[i] + "\n" for i in order))
+        os.replace(tmp, path)
+    except OSError:  # the rows stay as they were written; only their order is lost
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _add_run_options(p) -> None:
@@ -279,6 +470,9 @@ def _add_run_options(p) -> None:
     p.add_argument("--memory-limit", dest="memory_limit", type=_memory_size, default=None, metavar="SIZE",
                    help="memory a run may use beyond the loaded model, e.g. 4G (default: what the device has free); "
                         "a run that needs more runs in waves of fewer particles, or stops with exit 2")
+    p.add_argument("--host-timeout", dest="host_timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="seconds one call into the program's Python code may take (default 30; 0: no limit); "
+                        "a call that takes longer stops the run with an error naming it")
 
 
 def _memory_size(text: str) -> int:
@@ -309,7 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="run a program once per JSON line of inputs; one JSON line per row")
     p.add_argument("file", metavar="FILE")
     p.add_argument("inputs", metavar="INPUTS.jsonl")
-    p.add_argument("--out", default=None, metavar="OUT.jsonl", help="output file (default: stdout)")
+    p.add_argument("--out", default=None, metavar="OUT.jsonl",
+                   help="output file (default: stdout); each row is written as soon as it is done")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the rows already in --out (an interrupted batch) and append the others")
     _add_run_options(p)
     p.set_defaults(func=_cmd_batch)
 
@@ -351,35 +548,102 @@ _positive_int = _positive(int, "integer")
 _positive_float = _positive(float, "number")
 
 
+def _seconds(text: str) -> float:
+    """``--host-timeout``: a number of seconds >= 0 (0: no limit)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0 (0: no limit), got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # the user's Ctrl-C (also when the program's Python code raised it)
+        print("lmprog: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # never success: nothing in a command exits on purpose
+        print(f"lmprog: internal error: SystemExit({exc.code!r}) during the command", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        code, message = _failure(exc)
+        print(message, file=sys.stderr)
+        return code
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """The exit status and message of a failed command (or batch row): 2 for program, input and option errors
+    (located messages), 1 for runtime failures (every particle died, ...) and internal errors; never a
+    traceback."""
     from lmprog.backends.gguf_file import GGUFError
     from lmprog.backends.loaders import ModelLoadError
     from lmprog.backends.registry import ModelNotFoundError
     from lmprog.backends.tokenizer import TokenizerError
     from lmprog.dsl.errors import LmpError
 
+    if isinstance(exc, (LmpError, _UsageError)):
+        return 2, str(exc)
+    if isinstance(exc, (ModelNotFoundError, ModelLoadError, GGUFError, TokenizerError)):
+        return 2, f"lmprog: error: {exc}"
+    if isinstance(exc, ValueError):  # bad option values caught below argparse, memory plans, context length
+        return 2, f"lmprog: error: {exc}"
+    if _out_of_memory(exc):
+        return 2, ("lmprog: error: the run ran out of memory, beyond what the memory pre-flight estimated "
+                   f"({type(exc).__name__}: {_first_line(exc)}); use fewer particles, or a --memory-limit "
+                   "smaller than what the machine has")
+    if isinstance(exc, Exception) and _is_runtime_failure(exc):
+        text = f"{exc}" + _call_site(exc)
+        return 1, f"lmprog: run failed: {text}" + ("" if "\n" in text else _caret(text))
+    return 1, f"lmprog: internal error: {type(exc).__name__}: {exc}"
+
+
+def _call_site(exc: BaseException) -> str:
+    """The source line and caret of the call into user code that caused ``exc`` (a ``HostError`` among its
+    causes), when the message does not show them already."""
+    seen = 0
+    while exc is not None and seen < 8:
+        diag = getattr(exc, "diagnostic", None)
+        if diag is not None and type(exc).__name__ == "HostError":
+            lines = diag.render().split("\n")[1:3]
+            return "" if not lines or lines[0] in str(exc) else "\n" + "\n".join(lines)
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return ""
+
+
+def _caret(message: str) -> str:
+    """The source line and a caret under ``FILE:LINE:COL`` at the start of a one-line runtime message (the
+    engine and host steps locate their errors so), read from the file; empty if it cannot be read."""
+    import re
+
+    m = re.match(r"(.+?):(\d+):(\d+): ", message)
+    if not m:
+        return ""
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ModelNotFoundError, ModelLoadError, GGUFError, TokenizerError) as exc:
-        print(f"lmprog: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # bad option values caught below argparse (e.g. prompt longer than the context)
-        print(f"lmprog: error: {exc}", file=sys.stderr)
-        return 2
-    except (LmpError, _UsageError) as exc:  # program and input errors: located messages
-        print(str(exc), file=sys.stderr)
-        return 2
-    except Exception as exc:  # runtime failures (every particle died, ...): a message, never a traceback
-        if _is_runtime_failure(exc):
-            print(f"lmprog: run failed: {exc}", file=sys.stderr)
-        else:
-            print(f"lmprog: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        with open(m.group(1), encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        line, col = lines[int(m.group(2)) - 1], int(m.group(3))
+    except (OSError, UnicodeDecodeError, IndexError, ValueError):
+        return ""
+    if not 1 <= col <= len(line) + 1:
+        return ""
+    return f"\n    {line}\n    {' ' * (col - 1)}^"
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A host ``MemoryError`` or XLA's ``RESOURCE_EXHAUSTED`` (a device allocation that failed)."""
+    return isinstance(exc, MemoryError) or ("RESOURCE_EXHAUSTED" in str(exc) and "Runtime" in type(exc).__name__)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().split("\n")[0]
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _is_runtime_failure(exc: Exception) -> bool:

@@ -20,7 +20,7 @@ from lmprog.compiler.checks import (CheckedProgram, HoleSpec, ImportSpec, InputS
 from lmprog.dsl import ast as A
 from lmprog.catalog import DEFAULT_STRATEGY
 from lmprog.dsl.catalog import BUILTINS, DEFAULT_MODEL, KEYWORDS
-from lmprog.dsl.errors import Diagnostic, LmpError
+from lmprog.dsl.errors import Diagnostic, LmpError, utf8_diagnostic
 from lmprog.dsl.parser import parse
 from lmprog.dsl.source import SourceFile, Span, normalize_source
 
@@ -81,45 +81,63 @@ class Program:
     def run(self, inputs: Optional[Mapping] = None, /, *, particles: Optional[int] = None,
             seed: Optional[int] = None, strategy=None, max_tokens: Optional[int] = None,
             temperature: Optional[float] = None, model: Optional[str] = None, lm=None, progress=None,
-            memory_limit=None, **kwargs):
+            memory_limit=None, host_timeout: Optional[float] = None, **kwargs):
         """Run the program: ``program.run(country="Japan", particles=32, seed=1) -> Result``.
 
         Inputs are keyword arguments (or a dict as the first argument); ``particles`` overrides the strategy's
-        first argument (particles / n / width); ``strategy`` a strategy name (or an engine strategy object);
-        ``max_tokens`` / ``temperature`` the common options; ``seed`` the program's ``infer`` seed (default 0);
-        ``model`` the program's model name; ``lm`` an already loaded language model; ``memory_limit`` the bytes
-        (or ``"4G"``) the run may use beyond the loaded model (default: the device's free memory): a run that
-        needs more runs in waves of fewer particles when its strategy allows, else raises
-        :class:`lmprog.inference.memory.MemoryPlanError` (a ``ValueError``) saying how many particles fit.
+        first argument (particles / n / width / chains: a positive int); ``strategy`` a strategy name (or an
+        engine strategy object); ``max_tokens`` (a positive int) / ``temperature`` (a positive number) the
+        common options; ``seed`` the program's ``infer`` seed (an int from 0 to 2**32-1, default 0);
+        ``model`` the program's model name; ``lm`` an already loaded language model; ``memory_limit`` the
+        bytes (or ``"4G"``) the run may use beyond the loaded model (default: the device's free memory): a run
+        that needs more runs in waves of fewer particles when its strategy allows, else raises
+        :class:`lmprog.inference.memory.MemoryPlanError` saying how many particles fit; ``host_timeout``
+        the seconds each call into the program's Python code may take (default 30; 0: no limit).
 
-        Raises :class:`LmpError` for missing or bad inputs (located), :class:`lmprog.inference.InferenceError` when
-        every particle dies (naming the constraint), :class:`lmprog.compiler.errors.RunError` for other runtime
-        failures.
+        Raises:
+            OptionError (:class:`lmprog.compiler.errors.OptionError`, a ``ValueError`` and ``TypeError``): a bad argument
+                (``particles=2.5``, ``strategy=5``, a seed out of range, ...), naming it and what is valid.
+            LmpError: missing, unknown or bad inputs (NaN and infinite numbers included), or a program that
+                cannot run with them (e.g. a loop bound that needs more tokens than the model reads); located.
+            MemoryPlanError (a ``ValueError``): the run does not fit in memory; says how many particles fit.
+            lmprog.inference.InferenceError: every particle died (names the constraint).
+            RunError (:class:`lmprog.compiler.errors.RunError`): other runtime failures, among them
+                :class:`~lmprog.compiler.errors.HostError` for the program's Python code (an exception for
+                every particle, ``SystemExit``, a predicate that returns no bool, a factor that is no finite
+                number, a call past ``host_timeout``), located at the ``.lmp`` call site.
+            KeyboardInterrupt: passes through (also when raised by the program's Python code).
         """
+        from lmprog.compiler.errors import OptionError
         from lmprog.runner import run_program
 
+        if inputs is not None and not isinstance(inputs, Mapping):
+            raise OptionError(f"inputs must be a dict of input names to values, not {type(inputs).__name__}")
         given = dict(inputs or {})
         given.update(kwargs)
         return run_program(self, given, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
-                           temperature=temperature, model=model, lm=lm, progress=progress, memory_limit=memory_limit)
-
+                           temperature=temperature, model=model, lm=lm, progress=progress, memory_limit=memory_limit,
+                           host_timeout=host_timeout)
 
     def run_batch(self, rows, /, *, particles: Optional[int] = None, seed: Optional[int] = None,
                   strategy=None, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
-                  model: Optional[str] = None, lm=None, errors: str = "raise", memory_limit=None):
+                  model: Optional[str] = None, lm=None, errors: str = "raise", memory_limit=None,
+                  host_timeout: Optional[float] = None):
         """Run the program once per row of inputs (dicts): ``[Result, ...]`` in input order.
 
         Rows with the same structure run together: every row's particles in one batched engine call (one
         compiled kernel, independent particle groups with a log Z each); see :func:`lmprog.runner.run_batch`.
         ``errors="raise"`` raises the first failing row's error (after running the batch); ``errors="return"``
-        puts the exception in that row's place.
+        puts the exception in that row's place. The options are those of :meth:`run` (and raise the same
+        errors); :func:`lmprog.runner.iter_batch` yields each row as soon as it is done.
         """
+        from lmprog.compiler.errors import OptionError
         from lmprog.runner import run_batch
 
         if errors not in ("raise", "return"):
-            raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
+            raise OptionError(f"errors must be 'raise' or 'return', not {errors!r}")
         out = run_batch(self, rows, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
-                        temperature=temperature, model=model, lm=lm, memory_limit=memory_limit)
+                        temperature=temperature, model=model, lm=lm, memory_limit=memory_limit,
+                        host_timeout=host_timeout)
         if errors == "raise":
             for r in out:
                 if isinstance(r, BaseException):
@@ -177,13 +195,8 @@ def _read(path: str) -> str:
         raise LmpError([Diagnostic(span, f"cannot read file: {exc.strerror or exc}")]) from None
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        before = data[:exc.start]
-        line = before.count(b"\n") + 1
-        col = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
-        raise LmpError([Diagnostic(Span(path, line, col, line, col + 1),
-                                   f"the file is not valid UTF-8 (byte 0x{data[exc.start]:02x})",
-                                   "save the program as UTF-8")]) from None
+    except UnicodeDecodeError as exc:  # located, with the line (bad bytes as U+FFFD) and a caret
+        raise LmpError([utf8_diagnostic(path, data, exc)]) from None
 
 
 def _write(stream: TextIO, text: str) -> None:

@@ -9,6 +9,12 @@
 ``samples`` lists the particles that finished (dead particles are counted in ``stats["dead"]``), ``values`` is
 what the program's ``return`` reports (default: every hole), and ``posterior`` aggregates the normalized
 weights over those values (sorted by probability, summing to 1).
+
+The JSON is strict (``allow_nan=False``: no ``NaN`` / ``Infinity`` tokens, which JSON does not have). A number
+of the run that is not finite (a log-weight, ``log_evidence``, a statistic) is written as ``null``; a non-finite
+float inside the returned values is written as the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``
+(``float()`` reads each back); NumPy numbers become plain numbers, tuples lists, and any other object its
+``str()`` (docs/running.md, "JSON").
 """
 
 from __future__ import annotations
@@ -22,7 +28,40 @@ from typing import Any, Callable, Optional
 from lmprog.inference.diagnostics import diagnostics
 from lmprog.inference.samples import tally
 
-__all__ = ["Result", "Sample"]
+__all__ = ["Result", "Sample", "dumps", "json_value"]
+
+
+def dumps(obj, indent: Optional[int] = None) -> str:
+    """Strict JSON of ``obj`` (``allow_nan=False``; the one JSON writer of results and batch records): a
+    non-finite number that got this far is a bug to report, never ``NaN`` in the output."""
+    return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def json_value(v):
+    """A returned value as JSON can hold it: non-finite floats as the strings ``"NaN"``, ``"Infinity"``,
+    ``"-Infinity"``; NumPy scalars and arrays as plain numbers and lists; tuples as lists; dict keys as
+    strings; anything else JSON has no type for as its ``str()``."""
+    try:
+        import numpy as np
+
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else _NON_FINITE.get(v, "NaN")
+    if isinstance(v, dict):
+        return {str(k): json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_value(x) for x in v]
+    return str(v)
 
 
 @dataclass
@@ -37,8 +76,8 @@ class Sample:
     holes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"values": self.values, "text": self.text, "log_weight": _num(self.log_weight),
-                "weight": float(self.weight)}
+        return {"values": json_value(self.values), "text": self.text, "log_weight": _num(self.log_weight),
+                "weight": _num(self.weight)}
 
 
 @dataclass
@@ -80,7 +119,8 @@ class Result:
                 dead += 1
                 continue
             samples.append(Sample(returns(s), s.text, s.log_weight, s.weight, dict(s.values)))
-        posterior = tally(((x.values, x.weight) for x in samples), ident=_canonical, tie=json.dumps)
+        posterior = tally(((x.values, x.weight) for x in samples), ident=_canonical,
+                         tie=lambda v: json.dumps(json_value(v), ensure_ascii=False))
         ess = [float(x) for x in raw.ess[:, 0] if math.isfinite(float(x))] if raw.ess.size else []
         out_stats = dict(raw.stats)
         out_stats["engine_wall_s"] = out_stats.get("wall_s")
@@ -122,9 +162,9 @@ class Result:
             "strategy": self.strategy,
             "properly_weighted": bool(self.properly_weighted),
             "samples": [s.to_dict() for s in self.samples],
-            "posterior": [{"value": v, "probability": float(p)} for v, p in self.posterior],
+            "posterior": [{"value": json_value(v), "probability": _num(p)} for v, p in self.posterior],
             "log_evidence": _num(self.log_evidence) if self.properly_weighted else None,
-            "ess": [float(x) for x in self.ess],
+            "ess": [_num(x) for x in self.ess],
             "stats": {k: _plain(v) for k, v in self.stats.items()},
         }
         for k, v in self.extra.items():
@@ -132,7 +172,8 @@ class Result:
         return out
 
     def to_json(self, indent: Optional[int] = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+        """:meth:`to_dict` as strict JSON (never ``NaN`` or ``Infinity``)."""
+        return dumps(self.to_dict(), indent=indent)
 
     def __repr__(self) -> str:
         lines = [f"Result(strategy={self.strategy!r}, properly_weighted={self.properly_weighted}, "
@@ -163,7 +204,7 @@ class Result:
 
 def _canonical(values) -> str:
     """Equal returned values tally together: canonical JSON."""
-    return json.dumps(values, sort_keys=True, ensure_ascii=False)
+    return json.dumps(json_value(values), sort_keys=True, ensure_ascii=False)
 
 
 def _diagnostic_key(values):
@@ -178,6 +219,7 @@ def _diagnostic_key(values):
 
 
 def _num(x):
+    """A number of the run for JSON: a float, or None when it is missing or not finite."""
     if x is None:
         return None
     x = float(x)
@@ -185,13 +227,14 @@ def _num(x):
 
 
 def _plain(v):
+    """Statistics and strategy tables for JSON: plain Python values, non-finite numbers as None."""
     try:
         import numpy as np
 
         if isinstance(v, np.generic):
-            return v.item()
-        if isinstance(v, np.ndarray):
-            return v.tolist()
+            v = v.item()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
     except ImportError:  # pragma: no cover
         pass
     if isinstance(v, dict):
@@ -212,5 +255,5 @@ def _fmt(x) -> str:
 def _short(v, limit: int = 80) -> str:
     if isinstance(v, dict) and len(v) == 1:
         v = next(iter(v.values()))
-    text = json.dumps(v, ensure_ascii=False)
+    text = json.dumps(json_value(v), ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."

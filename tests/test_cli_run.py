@@ -77,7 +77,7 @@ def test_batch_one_line_per_row_in_order_bad_rows_do_not_stop_others(prog, tmp_p
     rows = tmp_path / "in.jsonl"
     rows.write_text('{"n": 1}\n{"n": "x"}\nnot json\n{"n": 3, "who": "Q"}\n')
     out = tmp_path / "out.jsonl"
-    assert cli.main(["batch", str(prog), str(rows), "--out", str(out)]) == 1  # some rows failed
+    assert cli.main(["batch", str(prog), str(rows), "--out", str(out)]) == 2  # only bad input rows failed
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["row"] for x in lines] == [0, 1, 2, 3]
     assert lines[0]["posterior"][0]["value"]["n"] == 1 and lines[3]["posterior"][0]["value"]["n"] == 3
@@ -90,7 +90,7 @@ def test_batch_runs_rows_of_the_same_structure_in_one_engine_call(prog, tmp_path
     rows = tmp_path / "in.jsonl"
     rows.write_text('{"n": 1}\n{"n": 2}\n{"n": 3}\nnot json\n')
     out = tmp_path / "out.jsonl"
-    assert cli.main(["batch", str(prog), str(rows), "--out", str(out)]) == 1  # the bad line fails
+    assert cli.main(["batch", str(prog), str(rows), "--out", str(out)]) == 2  # the bad line: an input error
     assert groups == [3]  # the three good rows: one engine call, one group each
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["posterior"][0]["value"]["n"] for x in lines[:3]] == [1, 2, 3]

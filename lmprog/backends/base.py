@@ -66,14 +66,23 @@ class LanguageModel(Protocol):
         ...
 
     def apply(
-        self, params: PyTree, cache: PyTree, tokens: jax.Array, positions: jax.Array, prefix: Prefix | None = None
+        self, params: PyTree, cache: PyTree, tokens: jax.Array, positions: jax.Array, prefix: Prefix | None = None,
+        rows: jax.Array | None = None,
     ) -> tuple[jax.Array, PyTree]:
         """Run ``tokens [B, T] int32`` starting at per-row ``positions [B] int32``.
 
         Returns ``(logits [B, T, vocab_size] float32, cache)`` where ``logits[b, t]`` scores the token
         that follows ``tokens[b, t]``. The returned cache has the new keys/values written in place. With a
         ``prefix``, ``cache`` holds the rows' own slots after it and positions are absolute (module docstring).
+        With ``rows [B] int32`` (distinct), input row ``b`` is row ``rows[b]`` of a cache of any batch size (a
+        block of its rows: reads and writes go there); ``rows[b] >=`` the cache's batch marks a padding row
+        that writes nothing (its logits are junk).
         """
+        ...
+
+    def copy_rows(self, cache: PyTree, src: jax.Array, dst: jax.Array) -> PyTree:
+        """Row ``dst[b]`` of the result is a copy of row ``src[b]`` (``dst[b] >=`` the batch: nothing); the
+        other rows are kept. Gives a particle that leaves a shared row its own copy of the history."""
         ...
 
     def reorder(self, cache: PyTree, ancestors: jax.Array) -> PyTree:

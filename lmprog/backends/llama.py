@@ -118,10 +118,11 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def _write_rows(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter ``new [B, T, KV, D]`` into ``cache [B, KV, S, D]`` at slots ``positions[b] + t``."""
+def _write_rows(cache: jax.Array, new: jax.Array, positions: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """Scatter ``new [B, T, KV, D]`` into ``cache [R, KV, S, D]`` at slots ``positions[b] + t`` of row ``b``
+    (``rows[b]`` when given; rows ``>= R`` write nothing)."""
     batch, seq = new.shape[:2]
-    rows = jnp.arange(batch)[:, None]
+    rows = (jnp.arange(batch) if rows is None else rows)[:, None]
     slots = positions[:, None] + jnp.arange(seq)[None, :]
     return cache.at[rows, :, slots, :].set(new.astype(cache.dtype), mode="drop")
 
@@ -188,7 +189,7 @@ def _attention_split(qg, k, v, visible, prefix_kv, prefix_visible) -> jax.Array:
 
 
 def _layer(c: LlamaConfig, w: LayerWeights, x, k_cache, v_cache, slots, cos, sin, visible, prefix_kv=None,
-           prefix_visible=None):
+           prefix_visible=None, rows=None):
     batch, seq = x.shape[:2]
     h = _rms_norm(x, w.attn_norm, c.rms_eps)
     q, k, v = h @ w.wq, h @ w.wk, h @ w.wv
@@ -197,11 +198,16 @@ def _layer(c: LlamaConfig, w: LayerWeights, x, k_cache, v_cache, slots, cos, sin
     q = _apply_rope(q.reshape(batch, seq, c.n_heads, c.head_dim), cos, sin)
     k = _apply_rope(k.reshape(batch, seq, c.n_kv_heads, c.head_dim), cos, sin)
     v = v.reshape(batch, seq, c.n_kv_heads, c.head_dim)
-    k_cache = _write_rows(k_cache, k, slots)
-    v_cache = _write_rows(v_cache, v, slots)
+    k_cache = _write_rows(k_cache, k, slots, rows)
+    v_cache = _write_rows(v_cache, v, slots, rows)
     if prefix_kv is not None:
         prefix_kv = tuple(a[0].astype(q.dtype) for a in prefix_kv)  # the one row: [KV, Sp, D]
-    attn = _attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), visible, c.n_heads // c.n_kv_heads,
+    if rows is None:
+        k_rows, v_rows = k_cache, v_cache
+    else:  # the block's rows of the cache; read inside the fused multiply-reduce of decoding, not copied out
+        read = jnp.clip(rows, 0, k_cache.shape[0] - 1)
+        k_rows, v_rows = k_cache[read], v_cache[read]
+    attn = _attention(q, k_rows.astype(q.dtype), v_rows.astype(q.dtype), visible, c.n_heads // c.n_kv_heads,
                       prefix_kv, prefix_visible)
     x = x + attn @ w.wo
     h = _rms_norm(x, w.ffn_norm, c.rms_eps)
@@ -211,7 +217,7 @@ def _layer(c: LlamaConfig, w: LayerWeights, x, k_cache, v_cache, slots, cos, sin
 
 def forward(
     config: LlamaConfig, weights: LlamaWeights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-    prefix: Prefix | None = None,
+    prefix: Prefix | None = None, rows: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Logits for ``tokens [B, T]`` at positions ``positions[b] + t``; writes their keys/values into ``cache``.
 
@@ -222,6 +228,9 @@ def forward(
     With a ``prefix`` (its cache a one-row :class:`KVCache`, ``S0 = prefix.length``), positions stay absolute
     and ``cache`` holds the slots after the prefix: token ``t`` of row ``b`` goes to slot
     ``positions[b] + t - S0`` and attends to the ``S0`` prefix slots and its own slots up to that one.
+
+    With ``rows [B]`` (distinct), input row ``b`` is cache row ``rows[b]`` of a cache with any number of rows
+    (a block of the particles); ``rows[b] >=`` that number marks padding, which writes nothing.
     """
     seq = tokens.shape[1]
     max_len = cache.k[0].shape[2]
@@ -240,7 +249,8 @@ def forward(
 
     new_k, new_v = [], []
     for w, k_cache, v_cache, pkv in zip(weights.layers, cache.k, cache.v, prefix_kvs):
-        x, k_cache, v_cache = _layer(config, w, x, k_cache, v_cache, slots, cos, sin, visible, pkv, prefix_visible)
+        x, k_cache, v_cache = _layer(config, w, x, k_cache, v_cache, slots, cos, sin, visible, pkv, prefix_visible,
+                                     rows)
         new_k.append(k_cache)
         new_v.append(v_cache)
 
@@ -255,6 +265,11 @@ def forward(
 def reorder_cache(cache: KVCache, ancestors: jax.Array) -> KVCache:
     """Row ``b`` of the result is row ``ancestors[b]``."""
     return jax.tree_util.tree_map(lambda a: jnp.take(a, ancestors, axis=0), cache)
+
+
+def copy_rows(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Row ``dst[b]`` becomes a copy of row ``src[b]`` (``dst[b] >=`` the batch: nothing)."""
+    return jax.tree_util.tree_map(lambda a: a.at[dst].set(a[jnp.clip(src, 0, a.shape[0] - 1)], mode="drop"), cache)
 
 
 def broadcast_cache(cache: KVCache, batch: int) -> KVCache:
@@ -286,8 +301,11 @@ class LlamaModel:
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return init_cache(self.config, batch, max_len)
 
-    def apply(self, params, cache, tokens, positions, prefix: Prefix | None = None):
-        return forward(self.config, params, cache, tokens, positions, prefix)
+    def apply(self, params, cache, tokens, positions, prefix: Prefix | None = None, rows=None):
+        return forward(self.config, params, cache, tokens, positions, prefix, rows)
+
+    def copy_rows(self, cache: KVCache, src, dst) -> KVCache:
+        return copy_rows(cache, src, dst)
 
     def reorder(self, cache: KVCache, ancestors: jax.Array) -> KVCache:
         return reorder_cache(cache, ancestors)

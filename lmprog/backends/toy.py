@@ -144,19 +144,23 @@ class ToyLM:
     def init_cache(self, batch: int, max_len: int):
         return jnp.full((batch, max_len), self.pad_id, jnp.int32)
 
-    def apply(self, params, cache, tokens, positions, prefix: Prefix | None = None):
+    def apply(self, params, cache, tokens, positions, prefix: Prefix | None = None, rows=None):
         tokens = jnp.asarray(tokens, jnp.int32)
         positions = jnp.asarray(positions, jnp.int32)
         b, t = tokens.shape
         slots = positions[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T] absolute positions
         s0 = jnp.int32(0) if prefix is None else jnp.asarray(prefix.length, jnp.int32)
-        rows = jnp.arange(b)[:, None]
-        cache = cache.at[rows, slots - s0].set(tokens, mode="drop")
+        if rows is None:
+            own, write = cache, jnp.arange(b)
+        else:  # a block of the cache's rows; rows past its end are padding (read row 0, write nothing)
+            own, write = cache[jnp.clip(rows, 0, cache.shape[0] - 1)], rows
+        own = own.at[jnp.arange(b)[:, None], slots - s0].set(tokens, mode="drop")
+        cache = cache.at[write[:, None], slots - s0].set(tokens, mode="drop")
         v = self.vocab_size
         ctx = jnp.zeros_like(slots)
         for j in range(self.context - 1, -1, -1):  # oldest first
             s = slots - j
-            tok_j = jnp.take_along_axis(cache, jnp.clip(s - s0, 0, cache.shape[1] - 1), axis=1)
+            tok_j = jnp.take_along_axis(own, jnp.clip(s - s0, 0, own.shape[1] - 1), axis=1)
             if prefix is not None:  # positions < S0 are read from the shared one-row history
                 shared = prefix.cache[0, jnp.clip(s, 0, prefix.cache.shape[1] - 1)]
                 tok_j = jnp.where(s < s0, shared, tok_j)
@@ -166,6 +170,9 @@ class ToyLM:
         pos = jnp.clip(slots, 0, table.shape[0] - 1)
         logits = table[pos, ctx]  # [B, T, V]
         return logits.astype(jnp.float32), cache
+
+    def copy_rows(self, cache, src, dst):
+        return cache.at[dst].set(cache[jnp.clip(src, 0, cache.shape[0] - 1)], mode="drop")
 
     def reorder(self, cache, ancestors):
         return jnp.take(cache, ancestors, axis=0)

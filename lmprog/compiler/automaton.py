@@ -12,12 +12,13 @@ Storage (token classes). Tokens that behave the same in every state of an automa
 automaton is stored as ``token_class [V]`` (the class of each token) and a ``[S, C]`` table over classes. A
 regex over digits has a few dozen classes, so a 49k vocabulary costs ``4 V`` bytes plus ``4 S C`` instead
 of ``4 S V``; an automaton whose columns are all different is the dense layout (``C = V``). :func:`stack_holes`
-puts every automaton's states at an offset in one table of *global* states (see :mod:`lmprog.automata.table`).
+puts every automaton's states at an offset in one table of *global* states (see :mod:`lmprog.automata.table`);
+holes with the same compiled constraint (a loop's unrolled holes) share one block (:func:`constraint_key`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, Sequence
+from typing import Hashable, NamedTuple, Protocol, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -255,13 +256,42 @@ class StackableHole(Protocol):
     inc_words: np.ndarray
 
 
-def stack_holes(holes: Sequence[StackableHole]) -> tuple[TokenTable, list[int]]:
+def constraint_key(hole: StackableHole) -> Hashable:
+    """What makes two compiled holes' table blocks identical: the content key :func:`compile_hole` caches the
+    hole under (its normalised constraints and terminator, the tokenizer's fingerprint, the compiler version;
+    the automaton, counters and pending bytes are a function of it), or, for a hole without a plan, the
+    identity of its arrays."""
+    plan = getattr(hole, "plan", None)
+    if plan is not None:
+        return plan.key(hole.tokenizer_fingerprint)
+    return (id(hole.automaton), id(hole.counters), id(hole.pending))
+
+
+def stack_holes(holes: Sequence[StackableHole], *, share: bool = True) -> tuple[TokenTable, list[int]]:
     """Concatenate compiled holes (:func:`lmprog.compiler.constraints.compile_hole`) into one table, with
-    their counters. Hole ``i`` starts at global state ``offsets[i] + holes[i].automaton.start``."""
+    their counters. Hole ``i`` starts at global state ``offsets[i] + holes[i].automaton.start``.
+
+    ``share``: holes with the same compiled constraint (:func:`constraint_key`; e.g. the holes a loop unrolls
+    into) get one block of states, so the table grows with the distinct constraints, not with the holes
+    (their offsets are equal). Everything the table holds per state is a function of that key; what differs
+    per hole (name, budget, value rule, reach, guard) lives in the hole's segment. ``share=False``: one block
+    per hole (tests compare the two)."""
     if not holes:
         raise ValueError("stack_holes needs at least one hole")
     fps = {h.tokenizer_fingerprint for h in holes}
     if len(fps) != 1:
         raise ValueError("holes compiled for different tokenizers cannot share a table")
     incs = (holes[0].inc_chars, holes[0].inc_words)
-    return _table([h.automaton for h in holes], [h.counters for h in holes], [h.pending for h in holes], incs)
+    if share:
+        block: dict[Hashable, int] = {}  # constraint key -> its block (in order of first use)
+        which, unique = [], []
+        for h in holes:
+            b = block.setdefault(constraint_key(h), len(block))
+            if b == len(unique):
+                unique.append(h)
+            which.append(b)
+    else:
+        which, unique = list(range(len(holes))), list(holes)
+    table, offsets = _table([h.automaton for h in unique], [h.counters for h in unique],
+                            [h.pending for h in unique], incs)
+    return table, [offsets[b] for b in which]

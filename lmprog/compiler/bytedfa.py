@@ -3,14 +3,17 @@
 A :class:`ByteDFA` is a deterministic automaton over the 256 byte values: ``delta[s, b]`` is the state after
 byte ``b`` (``-1`` = dead: no string with this prefix is in the language), ``accept[s]`` says the bytes read so
 far form a string of the language, and the start state is always ``0``. Every constraint kind compiles to one
-(regexes through outlines-core, fixed strings through a trie), and the boolean operators (``and``, ``or``,
+(regexes through :func:`regex_dfa`, fixed strings through a trie), and the boolean operators (``and``, ``or``,
 ``not``) are product / complement constructions on them. Languages are sets of *valid UTF-8* byte strings
 (hole values are text): regexes and literals only produce valid UTF-8 and the complement is taken relative to
 the valid UTF-8 strings.
 
-Regexes are compiled by outlines-core (Rust ``regex-automata``), never by hand: we build an outlines-core
-``Index`` over a vocabulary of the 256 single bytes and read the byte DFA off its transition map. The pattern
-is wrapped as ``(?:R)\\x00\\z`` and a state ``q`` accepts iff reading the sentinel ``\\x00`` from ``q`` reaches
+Regexes: the pattern's structure (concatenation, alternation, repetition) is compiled with bounds by
+:mod:`lmprog.compiler.regex_compile` (outlines-core's whole-pattern build also determinizes the unanchored
+search, exponential for ``a?[a-z]{40}``, and cannot be counted or stopped), and each character item by
+outlines-core (Rust ``regex-automata``: Unicode classes and case folding are Rust's): an outlines-core ``Index``
+over a vocabulary of the 256 single bytes, with the byte DFA read off its transition map. That pattern is
+wrapped as ``(?:R)\\x00\\z`` and a state ``q`` accepts iff reading the sentinel ``\\x00`` from ``q`` reaches
 an outlines-core final state. The wrapping matters for exactness, because outlines-core's own index is built
 with leftmost-first match semantics and drops transitions out of match states (``a|ab`` does not accept
 ``ab``, ``a(bx)?`` does not allow ``b`` after ``a``): with the sentinel and ``\\z`` no state is a match state
@@ -26,17 +29,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from lmprog.compiler.regex_compile import MAX_DFA_STATES, RegexError, RegexLimitError, bounded_regex_dfa, limit_reason
+
 DEAD = -1
-
-
-class RegexError(ValueError):
-    """A pattern that outlines-core (Rust ``regex`` syntax, DFA-compilable subset) cannot compile.
-
-    ``str()`` names the pattern; ``reason`` is outlines-core's message alone (what the checks report)."""
-
-    def __init__(self, message: str, reason: str = ""):
-        super().__init__(message)
-        self.reason = reason or message
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,8 +223,12 @@ def minimize_labelled(dfa: ByteDFA, labels: np.ndarray | None = None) -> tuple[B
     _, cls = np.unique(init, axis=0, return_inverse=True)
     cls = cls.reshape(-1).astype(np.int64)
     count = int(cls.max()) + 1
+    # Bytes with equal columns behave alike in every round: refine on one column per byte class (a handful,
+    # not 256), which is what keeps a long chain like `.{400,}` (hundreds of rounds) fast.
+    _, cols = np.unique(trimmed.delta, axis=1, return_index=True)
+    reduced = trimmed.delta[:, np.sort(cols)]
     while True:
-        succ = np.where(trimmed.delta >= 0, cls[np.maximum(trimmed.delta, 0)], -1)
+        succ = np.where(reduced >= 0, cls[np.maximum(reduced, 0)], -1)
         sig = np.concatenate([cls[:, None], succ], axis=1)
         new = _row_classes(sig)
         new_count = int(new.max()) + 1
@@ -285,7 +284,9 @@ def product(a: ByteDFA, b: ByteDFA, mode: str = "and") -> tuple[ByteDFA, np.ndar
     """Reachable product of two DFAs (``mode`` ``"and"``: intersection, ``"or"``: union).
 
     Returns the product DFA (not minimised) and, per product state, the component states (``-1`` for a
-    component that is dead, possible only with ``"or"``)."""
+    component that is dead, possible only with ``"or"``). Raises
+    :class:`~lmprog.compiler.regex_compile.RegexLimitError` when the product would have more than
+    ``MAX_DFA_STATES`` states (counted as they are created)."""
     if mode not in ("and", "or"):
         raise ValueError(mode)
     na, nb = a.num_states, b.num_states
@@ -312,6 +313,8 @@ def product(a: ByteDFA, b: ByteDFA, mode: str = "and") -> tuple[ByteDFA, np.ndar
         for c in np.unique(nxt[live]).tolist():
             j = ids.get(c)
             if j is None:
+                if len(codes) >= MAX_DFA_STATES:
+                    raise RegexLimitError("product", limit_reason("product"))
                 j = ids[c] = len(codes)
                 codes.append(c)
             row[nxt == c] = j
@@ -379,8 +382,34 @@ def _minimal_regex_dfa(pattern: str) -> ByteDFA:
     return _wrapped_regex_dfa(pattern).minimize()
 
 
-@lru_cache(maxsize=128)
 def _wrapped_regex_dfa(pattern: str) -> ByteDFA:
+    """The unminimised DFA of a pattern, built with bounds (:mod:`lmprog.compiler.regex_compile`); a pattern
+    Python's parser rejects (Rust-only syntax, internal patterns) goes to outlines-core whole. Failures are
+    cached like results, so a pattern past a bound costs its build once."""
+    result = _cached_build(pattern)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+@lru_cache(maxsize=128)
+def _cached_build(pattern: str):
+    try:
+        built = bounded_regex_dfa(strip_anchors(pattern), _atom_dfa)
+        return outlines_regex_dfa(pattern) if built is None else ByteDFA(*built)
+    except RegexError as e:
+        return e
+
+
+@lru_cache(maxsize=4096)
+def _atom_dfa(source: str) -> ByteDFA:
+    """The minimal byte DFA of one character item (a Rust regex matching single characters), by outlines-core."""
+    return outlines_regex_dfa(source).minimize()
+
+
+def outlines_regex_dfa(pattern: str) -> ByteDFA:
+    """The byte DFA of ``pattern`` read off an outlines-core index, unminimised (no bounds: its build runs in
+    Rust; used for single characters, and for whole patterns only in Rust-only syntax)."""
     from outlines_core import Index
 
     core = strip_anchors(pattern)
@@ -432,3 +461,11 @@ def escape_regex(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def regex_fullmatch(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches the whole of ``pattern``, by walking its byte DFA: linear in the text, never
+    backtracking (``(((a+)+)+)+b`` on ``"a" * 30`` is instant), with the constraint regex semantics. Raises
+    :class:`RegexError` (a :class:`~lmprog.compiler.regex_compile.RegexLimitError` past the automaton bounds)
+    when the pattern has no automaton. For run-time ``matches`` on host strings."""
+    return regex_dfa(pattern, minimal=False).accepts(text.encode("utf-8", "surrogatepass"))

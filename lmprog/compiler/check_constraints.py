@@ -23,6 +23,7 @@ It returns, per hole, the ``and`` of the terms that constrain it (what the lower
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Optional
 
 from lmprog.compiler.check_env import KIND_WORD, UNKNOWN, CheckContext, Env, regex_span, show_value
@@ -290,7 +291,13 @@ def _check_file(ck: CheckContext, e: A.Expr, env: Env, what: str, parse) -> None
     if not isinstance(path, str):
         return
     resolved = ck.resolve(path)
-    if not resolved.is_file():
+    try:
+        is_file = resolved.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        reason = exc.strerror.lower() if isinstance(exc, OSError) and exc.strerror else str(exc)
+        ck.error(e.span, f"cannot use '{path[:57] + '...' if len(path) > 60 else path}' as a file name: {reason}")
+        return
+    if not is_file:
         ck.error(e.span, f"{what} not found: '{path}'", f"paths are relative to the program's folder ({ck.base_dir})")
         return
     if parse is not None:
@@ -321,7 +328,8 @@ def _count_bounds(ck, name, terms, fold) -> bool:
         n = fold(t.n)
         if not isinstance(n, int) or isinstance(n, bool):
             continue
-        lo, hi, lo_by, hi_by = bounds.get(t.kind, (0, 10 ** 18, None, None))
+        # no upper bound is infinity, not a big number: `len(k) > 2**62` must not look contradictory
+        lo, hi, lo_by, hi_by = bounds.get(t.kind, (0, math.inf, None, None))
         if t.op in ("<", "<=", "=="):
             new_hi = n - 1 if t.op == "<" else n
             if new_hi < hi:

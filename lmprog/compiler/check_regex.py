@@ -1,8 +1,9 @@
 """Validation of constraint regexes: syntax, the supported dialect, and emptiness.
 
-A ``where X matches R`` regex is compiled later to a token automaton by outlines-core (Rust ``regex`` syntax),
-while ``matches`` in an expression runs on the host with Python's ``re``. A constraint regex must therefore be
-valid for both, and finite-automaton friendly. :func:`regex_problem` checks, in order:
+A ``where X matches R`` regex is compiled later to a token automaton, and ``matches`` in an expression walks the
+same byte DFA; a regex is parsed with Python's parser and its characters compiled by outlines-core (Rust
+``regex`` semantics), so it must be valid for both dialects, and finite-automaton friendly.
+:func:`regex_problem` checks, in order:
 
 1. Python ``re`` compiles it, with warnings as errors (e.g. ``[[:alpha:]]`` means different things in the two
    dialects and Python warns about it);
@@ -10,14 +11,13 @@ valid for both, and finite-automaton friendly. :func:`regex_problem` checks, in 
    lookbehind, backreferences and conditionals, atomic groups and possessive quantifiers, anchors
    (``^ $ \\A \\Z``: the regex always matches the whole hole) and word boundaries (``\\b \\B``);
 3. the constraint compiler's own regex -> byte DFA (:func:`lmprog.compiler.bytedfa.regex_dfa`, the one door
-   through which regexes become automata) accepts it: this is the real compiler's dialect check, and an empty
-   DFA means the regex matches no string at all. The checker takes the DFA unminimised (same language, much
-   cheaper), and skips this step, as too slow for a check, for large bounded repetitions (of Unicode word
-   classes beyond 8, of anything beyond 500 in all) and patterns over 1000 characters: the compiler then has the
-   final word when the hole is compiled.
+   through which regexes become automata) accepts it, within its bounds (:mod:`lmprog.compiler.regex_compile`:
+   automaton states and build time, counted while it is built): this is the real compiler's dialect check, an
+   empty DFA means the regex matches no string at all, and a bound that is hit is reported with what to write
+   instead. The checker takes the DFA unminimised (same language, cheaper).
 
-:func:`fullmatch` walks the same DFA, so the checker's emptiness tests agree with what the compiler generates.
-Results are cached per pattern.
+:func:`fullmatch` walks the same DFA (linear time, never backtracking), so the checker's emptiness tests and
+static ``matches`` agree with what the compiler generates. Results are cached per pattern.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import warnings
 from typing import Optional
 
 from lmprog.compiler.bytedfa import ByteDFA, RegexError, regex_dfa
+from lmprog.compiler.regex_compile import LIMIT_HELP, RegexLimitError
 
 try:  # the private parser module is the only way to see the structure Python compiled
     import re._constants as _C
@@ -67,8 +68,6 @@ def regex_problem(pattern: str) -> Optional[tuple[str, Optional[int], Optional[s
     unsupported = _unsupported(tree, pattern)
     if unsupported is not None:
         return unsupported
-    if len(pattern) > 1000 or _too_costly(tree):
-        return None
     return _compiler_problem(pattern)
 
 
@@ -119,84 +118,39 @@ def _unsupported(tree, pattern: str) -> Optional[tuple[str, Optional[int], Optio
     return None
 
 
-_WORDISH = {_C.CATEGORY_WORD, _C.CATEGORY_NOT_WORD, _C.CATEGORY_SPACE, _C.CATEGORY_NOT_SPACE,
-            _C.CATEGORY_NOT_DIGIT}
-
-
-def _too_costly(tree) -> bool:
-    """Whether building the byte DFA could take long (big bounded repeats, of Unicode classes above all)."""
-    stack = [(tree, 1)]
-    total = 0
-    while stack:
-        sub, mult = stack.pop()
-        for op, av in getattr(sub, "data", sub):
-            if op in (_C.MAX_REPEAT, _C.MIN_REPEAT):
-                lo, hi, inner = av
-                bound = lo if hi == _C.MAXREPEAT else hi
-                inner_mult = mult * max(bound, 1)
-                if inner_mult > 8 and _has_wordish(inner):
-                    return True
-                total += inner_mult
-                stack.append((inner, inner_mult))
-            elif op is _C.SUBPATTERN:
-                stack.append((av[3], mult))
-            elif op is _C.BRANCH:
-                stack.extend((b, mult) for b in av[1])
-    return total > 500
-
-
-def _has_wordish(sub) -> bool:
-    for op, av in _walk(sub):
-        if op is _C.IN and any(o is _C.CATEGORY and a in _WORDISH for o, a in av):
-            return True
-        if op is _C.CATEGORY and av in _WORDISH:
-            return True
-    return False
-
-
 def _dfa(pattern: str) -> ByteDFA:
     """The compiler's byte DFA of a pattern, unminimised (raises what :func:`regex_dfa` raises)."""
     return regex_dfa(pattern, minimal=False)
 
 
-def _checkable(pattern: str) -> bool:
-    """Whether building the byte DFA is cheap enough for a check (and the pattern is in the dialect)."""
-    tree = _P.parse(pattern)
-    return len(pattern) <= 1000 and not _too_costly(tree) and _unsupported(tree, pattern) is None
-
-
 def fullmatch(pattern: str, text: str) -> Optional[bool]:
-    """Whether ``text`` matches the whole constraint regex, in linear time (None when that cannot be decided).
+    """Whether ``text`` matches the whole constraint regex, in linear time (None when that cannot be decided:
+    the pattern is not a constraint regex, or its automaton is past the bounds).
 
     Walks the byte DFA the constraint compiler builds (its own dialect and semantics), so a pattern like
-    ``(a|a)*b`` cannot make the checker backtrack exponentially; falls back to Python's ``re`` only for short
-    strings.
+    ``(((a+)+)+)+b`` cannot make the checker backtrack exponentially: there is no fallback to Python's ``re``.
     """
     try:
-        dfa = _dfa(pattern) if _checkable(pattern) else None
+        if python_regex_problem(pattern) is not None:  # (also keeps Python's FutureWarnings out of the output)
+            return None
+        tree = _P.parse(pattern)
+        if _unsupported(tree, pattern) is not None:
+            return None
+        dfa = _dfa(pattern)
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException:
-        dfa = None
-    if dfa is not None:
-        return dfa.accepts(text.encode("utf-8", "surrogatepass"))
-    if len(text) <= 16:  # backtracking is bounded on short strings
-        try:
-            return re.fullmatch(pattern, text) is not None
-        except (re.error, RecursionError, OverflowError):
-            return None
-    return None
+    except BaseException:  # RegexError, a limit, a parse error, or a pyo3 panic (those derive from BaseException)
+        return None
+    return dfa.accepts(text.encode("utf-8", "surrogatepass"))
 
 
 def _compiler_problem(pattern: str) -> Optional[tuple[str, Optional[int], Optional[str]]]:
     try:
-        import outlines_core  # noqa: F401 - only to know it is there
-    except ImportError:  # pragma: no cover - outlines-core is a dependency
-        return None
-    try:
         dfa = _dfa(pattern)
     except (KeyboardInterrupt, SystemExit):
         raise
+    except RegexLimitError as exc:
+        return exc.reason, None, LIMIT_HELP
     except BaseException as exc:  # RegexError, or a pyo3 panic (those derive from BaseException)
         text = exc.reason if isinstance(exc, RegexError) else str(exc)
         if "incompatible" in text or "no transitions" in text:

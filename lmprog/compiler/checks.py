@@ -41,7 +41,7 @@ from lmprog.catalog import CATALOG
 from lmprog.compiler.check_args import StrategySpec, check_infer, check_sample
 from lmprog.compiler.check_constraints import check_where
 from lmprog.compiler.check_env import KIND_WORD, UNKNOWN, Binding, Ctx, Env, regex_span
-from lmprog.compiler.check_regex import python_regex_problem
+from lmprog.compiler.check_regex import regex_problem
 from lmprog.dsl import ast as A
 from lmprog.dsl.catalog import BUILTINS, CONSTRAINT_CALLS, DISTRIBUTIONS, INPUT_TYPES, PYTHON_SPELLINGS
 from lmprog.dsl.errors import Diagnostic, LmpError, suggestion
@@ -245,13 +245,13 @@ class Checker:
         return self.bind(s.alias, Binding("module", "module", s.name_span), env, s.name_span, ctx)
 
     def s_Template(self, s: A.Template, env: Env, ctx: Ctx) -> Env:
-        before = env
+        before = _Before(env, _hole_names(s.parts))
         env, holes = self.parts(s.parts, env, ctx, allow_holes=True)
         self.constraints(s, s.where, holes, before, env, ctx)
         return env
 
     def s_Gen(self, s: A.Gen, env: Env, ctx: Ctx) -> Env:
-        before = env
+        before = _Before(env, frozenset([s.name]) if s.name not in env else frozenset())
         env = self.bind(s.name, Binding("hole", "str", s.name_span), env, s.name_span, ctx)
         self.constraints(s, s.where, {s.name: s.name_span}, before, env, ctx)
         return env
@@ -324,9 +324,11 @@ class Checker:
             return env
         if binding.kind == "let" and old is not None and not ctx.top:
             binding = replace(binding, static=False, value=UNKNOWN)
-        new = dict(env)
-        new[name] = binding
-        return new
+        # In place: an environment belongs to the block threading it (branches and loop bodies start from a
+        # copy, a statement's "before" is a view), so copying here would make checking quadratic in the
+        # number of statements.
+        env[name] = binding
+        return env
 
     def parts(self, parts: tuple[A.Part, ...], env: Env, ctx: Ctx, allow_holes: bool) -> tuple[Env, dict[str, Span]]:
         """Check a template's interpolations in order and bind its holes; returns (env, holes of the template)."""
@@ -420,14 +422,20 @@ class Checker:
         if not s.path.endswith(".py"):
             self.error(s.path_span, f"import expects a Python file (.py), not '{s.path}'")
             return None
-        if not path.is_file():
-            self.error(s.path_span, f"file not found: '{s.path}'",
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte in the path
+            self.error(s.path_span, f"cannot use '{_short(s.path)}' as a file name: {_os_reason(exc)}",
+                       "import a Python file next to the program, e.g. import \"helpers.py\" as h")
+            return None
+        if not is_file:
+            self.error(s.path_span, f"file not found: '{_short(s.path)}'",
                        f"import paths are relative to the program's folder ({self.base_dir})")
             return None
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            self.error(s.path_span, f"cannot read '{s.path}': {exc.__class__.__name__}: {exc}")
+            self.error(s.path_span, f"cannot read '{_short(s.path)}': {_os_reason(exc)}")
             return None
         try:
             tree = pyast.parse(text, filename=str(path))
@@ -760,9 +768,8 @@ class Checker:
 
     def fold(self, e: A.Expr, env: Env, report: bool = True) -> Any:
         """The value of ``e`` if the checker can compute it now (literals and known lets), else UNKNOWN."""
-        values = {k: b.value for k, b in env.items() if b.value is not UNKNOWN}
         try:
-            return static_value(e, values)
+            return static_value(e, _KnownValues(env))
         except NotStatic:
             return UNKNOWN
         except StaticError as exc:
@@ -771,10 +778,11 @@ class Checker:
             return UNKNOWN
 
     def host_regex(self, e: A.Expr, env: Env) -> None:
-        """Validate the regex of a ``matches`` in an expression (Python ``re`` runs it on the host)."""
+        """Validate the regex of a ``matches`` in an expression: it is matched with the constraint compiler's
+        byte DFA (never a backtracking engine), so it is a constraint regex, within the automaton bounds."""
         pattern = self.fold(e, env, report=False)
         if isinstance(pattern, str):
-            problem = python_regex_problem(pattern)
+            problem = regex_problem(pattern)
             if problem:
                 message, pos, help = problem
                 self.error(regex_span(self, e, pos), message, help)
@@ -811,6 +819,70 @@ class Checker:
 
 
 # ---------------------------------------------------------------------------------------------- flow merging
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters for a message (a 300-character path would swamp it)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _os_reason(exc: Exception) -> str:
+    """Why a file operation failed, without the (possibly huge) file name the OS repeats."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+    return str(exc)
+
+
+class _KnownValues(Mapping):
+    """The values the checker knows, as a read-only view of an environment (a name with an UNKNOWN value is
+    absent): folding one expression looks up only the names it uses, instead of copying every binding."""
+
+    def __init__(self, env: Env):
+        self.env = env
+
+    def __getitem__(self, name: str) -> Any:
+        b = self.env[name]
+        if b.value is UNKNOWN:
+            raise KeyError(name)
+        return b.value
+
+    def __iter__(self):
+        return (k for k, b in self.env.items() if b.value is not UNKNOWN)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __bool__(self) -> bool:  # truth tests (``env or {}``) must not count the names
+        return True
+
+
+class _Before(Mapping):
+    """A statement's environment as it was before the statement bound its holes (a view: ``hidden`` are the
+    names the statement is about to add, which were not bound before it)."""
+
+    def __init__(self, env: Env, hidden: frozenset):
+        self.env, self.hidden = env, frozenset(n for n in hidden if n not in env)
+
+    def __getitem__(self, name: str) -> Binding:
+        if name in self.hidden:
+            raise KeyError(name)
+        return self.env[name]
+
+    def __iter__(self):
+        return (k for k in self.env if k not in self.hidden)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __bool__(self) -> bool:  # truth tests (``env or {}``) must not count the names
+        return True
+
+
+def _hole_names(parts) -> frozenset:
+    """The names of the holes of a template."""
+    return frozenset(p.name for p in parts if isinstance(p, A.Hole))
 
 
 def _merge_branches(before: Env, outcomes: list[Env], if_span: Span) -> Env:

@@ -27,6 +27,7 @@ from lmprog.automata.values import ValueRule, generated_bytes
 from lmprog.compiler import counters as C
 from lmprog.compiler.automaton import Automaton, path_lengths
 from lmprog.compiler.bytedfa import ByteDFA, RegexError, escape_regex, minimize_labelled, product, useful_states
+from lmprog.compiler.regex_compile import LIMIT_HELP, MAX_HOLE_STATES, RegexLimitError, limit_reason
 from lmprog.compiler.constraint_ir import (
     COUNT_KINDS,
     FLOAT_PATTERN,
@@ -162,6 +163,7 @@ def _count_set(c: Constraint) -> Intervals:
     """The values of the counter that a formula of bounds on one counter allows, as intervals."""
     if isinstance(c, Count):
         lo, hi = c.interval()
+        hi = min(hi, INF)  # a bound past INF is no bound (`len(x) <= 2**62`); a count never gets past INF
         return [(lo, hi)] if lo <= hi else []
     if isinstance(c, Not):
         out, at = [], 0
@@ -377,6 +379,8 @@ def build_hole_dfa(content: ByteDFA, term: Terminator, track_chars: bool, track_
     def state_id(key: tuple, lab: tuple, is_final: bool) -> int:
         j = ids.get(key)
         if j is None:
+            if len(keys) >= MAX_HOLE_STATES:  # (content state, pending terminator bytes) pairs, counted as made
+                raise RegexLimitError("hole", limit_reason("hole"))
             j = ids[key] = len(keys)
             keys.append(key)
             labs.append(lab)
@@ -579,6 +583,13 @@ def hole_reach(automaton: Automaton, bounds: C.Bounds, term: Terminator) -> int 
 
 
 def _compile(plan: HolePlan, info: VocabInfo, name: str, loc) -> tuple[Automaton, C.HoleCounters, np.ndarray, int | None]:
+    try:
+        return _compile_bounded(plan, info, name, loc)
+    except RegexLimitError as e:  # a bound on automaton size or build time, hit while building (located here)
+        raise ConstraintError(f"the constraints on {name}: {e.reason}; {LIMIT_HELP}", loc) from None
+
+
+def _compile_bounded(plan: HolePlan, info: VocabInfo, name: str, loc):
     content = language_dfa(And(plan.language)) if plan.language else ByteDFA.any_utf8()
     if content.is_empty:
         raise ConstraintError(f"the constraints on {name} allow no value: {_describe_plan(plan, name)}", loc)

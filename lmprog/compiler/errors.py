@@ -3,6 +3,12 @@
 * :class:`LoweringError`: the program (or its inputs) cannot be lowered; located like every program error
   (``file:line:col``, the source line, a caret, help).
 * :class:`RunError`: a run-time failure of the program (an expression that fails for every particle, ...).
+* :class:`HostError`: a :class:`RunError` of the user's Python code (an imported function, a predicate, a
+  factor), located at the ``.lmp`` call site (``file:line:col``, the source line, a caret, what is valid).
+* :class:`HostAbort`: carries a :class:`HostError` that must stop the whole run instead of killing one particle
+  (a time limit, ``SystemExit``, a predicate that returns no bool, a factor that is no finite number).
+* :class:`OptionError`: a bad argument of a run (a ``Program.run`` keyword, a CLI option); a ``ValueError``
+  and a ``TypeError``.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from typing import Optional
 from lmprog.dsl.errors import Diagnostic, LmpError
 from lmprog.dsl.static import StaticError
 
-__all__ = ["LoweringError", "RunError", "diagnostic", "error_message", "file_span", "lowering_error"]
+__all__ = ["HostAbort", "HostError", "LoweringError", "OptionError", "RunError", "diagnostic", "error_message",
+           "file_span", "lowering_error"]
 
 
 class LoweringError(LmpError):
@@ -21,6 +28,34 @@ class LoweringError(LmpError):
 
 class RunError(RuntimeError):
     """A runtime failure of a program (an expression that fails for every particle, ...)."""
+
+
+class HostError(RunError):
+    """The user's Python code failed (raised, returned a value of the wrong kind, ran past its time limit):
+    ``diagnostic`` locates the ``.lmp`` call site; the message is its rendering (location, line, caret, help),
+    or ``text`` (one line, for an error that becomes part of a host step's message)."""
+
+    def __init__(self, diagnostic: Diagnostic, text: Optional[str] = None):
+        self.diagnostic = diagnostic
+        super().__init__(text if text is not None else diagnostic.render())
+
+
+class HostAbort(BaseException):
+    """Stops the run with ``error`` (a :class:`HostError`). A ``BaseException``, like ``KeyboardInterrupt``, so
+    that the per-particle ``except Exception`` handlers of host steps (an exception kills only its particle) let
+    it through; the runner turns it back into ``error``. Raised for what no particle can recover from: a call
+    past its time limit, ``SystemExit`` in user code, a predicate that returns no bool, a factor that is no
+    finite number."""
+
+    def __init__(self, error: HostError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class OptionError(ValueError, TypeError):
+    """A bad argument of a run (``Program.run(particles=2.5)``, ``--seed -1``): names it and what is valid.
+    Both a ``ValueError`` and a ``TypeError`` (what Python raises for a bad value or type of an argument), so
+    code written against either keeps working."""
 
 
 def file_span(program):

@@ -36,12 +36,12 @@ from lmprog.compiler import constraint_ir as IR
 from lmprog.compiler.constraints import compile_hole
 from lmprog.compiler.automaton import stack_holes
 from lmprog.compiler.distributions import bind_params, dist_params, draw
-from lmprog.compiler.errors import RunError, error_message, file_span, lowering_error
+from lmprog.compiler.errors import HostAbort, RunError, error_message, file_span, lowering_error
 from lmprog.compiler.healing import heal_space
 from lmprog.compiler.predicates import (is_predicate_tree, predicate_atoms, predicate_label, prefix_check,
                                         prefixes_check, value_check)
-from lmprog.compiler.runtime_eval import (ParticleContext, Ref, Runtime, active, guarded_ref, static_ref,
-                                          to_text)
+from lmprog.compiler.runtime_eval import (ParticleContext, Ref, Runtime, active, check_factor, guarded_ref,
+                                          short_value, static_ref, to_text)
 from lmprog.dsl import ast as A
 from lmprog.dsl.constraints import conjuncts
 from lmprog.dsl.printer import constraint_to_source
@@ -125,6 +125,17 @@ class _Start:
     guard: tuple
 
 
+def unencodable_message(ch: str) -> str:
+    """The message for a character of the prompt that the model's tokenizer would drop."""
+    return f"the model's tokenizer cannot encode U+{ord(ch):04X} (it would be dropped)"
+
+
+def unencodable_help(ch: str) -> str:
+    """What to write instead of a character the tokenizer drops."""
+    esc = f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+    return f"remove it, or escape it as visible text (write \\{esc} in a template for the characters {esc})"
+
+
 def _truth_logw(v) -> float:
     """The log-weight increment of a condition: 0 where true, -inf (the particle dies) where false."""
     return 0.0 if v else -math.inf
@@ -151,6 +162,7 @@ class Lowering:
         self.compile_s = 0.0
         self.max_hole_tokens = 0
         self.first_node = None  # the AST node that produced the first segment (for the no-BOS diagnostic)
+        self._dropped: dict[str, bool] = {}  # character -> whether the tokenizer drops it (unencodable)
 
     # ---- helpers --------------------------------------------------------------------------------------
 
@@ -178,6 +190,36 @@ class Lowering:
         if first and getattr(self.tokenizer, "add_bos", False) and self.tokenizer.bos_id is not None:
             ids = [int(self.tokenizer.bos_id), *ids]
         return ids
+
+    def unencodable(self, text: str) -> Optional[str]:
+        """The first character of ``text`` that the model's tokenizer drops (its encoding loses it without
+        a trace: a byte-level vocabulary without that byte, e.g. U+0004 in SmolLM2's), or None. A character
+        the tokenizer replaces by an unknown/special token is not reported, and neither are the changes a
+        tokenizer makes legitimately (a SentencePiece space prefix, special-token markup)."""
+        tok = self.tokenizer
+        if not text or not hasattr(tok, "decode_bytes"):
+            return None
+        got = tok.decode_bytes(tok.encode(text, add_bos=False))
+        data = text.encode("utf-8", "surrogatepass")
+        if got == data or (got.endswith(data) and not got[:len(got) - len(data)].strip()):
+            return None
+        for ch in dict.fromkeys(text):
+            dropped = self._dropped.get(ch)
+            if dropped is None:
+                ids = tok.encode(ch, add_bos=False)
+                dropped = (ch.encode("utf-8", "surrogatepass") not in tok.decode_bytes(ids)
+                           and not any(int(i) in tok.special_ids for i in ids))
+                self._dropped[ch] = dropped
+            if dropped:
+                return ch
+        return None
+
+    def check_encodable(self, text: str, span) -> None:
+        """Raise a :class:`LoweringError` at ``span`` if the tokenizer would silently drop a character of
+        ``text`` (the model would never see it)."""
+        ch = self.unencodable(text)
+        if ch is not None:
+            raise self.error(span, unencodable_message(ch), unencodable_help(ch))
 
     def static(self, expr, scope) -> Any:
         """The value of ``expr`` if it only depends on static references (raises NotStatic otherwise)."""
@@ -335,9 +377,14 @@ class Lowering:
                         expr, fmt, sc = p
                         try:
                             v = runtime.eval_for(expr, sc, view, i)
-                            pieces.append(format(v, fmt or "") if fmt else to_text(v))
+                            piece = format(v, fmt or "") if fmt else to_text(v)
                         except Exception as exc:
                             raise RunError(f"{expr.span}: cannot interpolate: {error_message(exc)}") from None
+                        ch = self.unencodable(piece)
+                        if ch is not None:
+                            raise RunError(f"{expr.span}: cannot interpolate {short_value(piece)}: "
+                                           f"{unencodable_message(ch)}")
+                        pieces.append(piece)
                 ids = self.encode("".join(pieces))
                 if len(ids) > bound:
                     ids = ids[:bound]
@@ -351,13 +398,17 @@ class Lowering:
         out = []
         for k, part in enumerate(parts):
             if isinstance(part, A.Text):
+                self.check_encodable(part.value, part.span)
                 out.append(("text", part.value))
             elif isinstance(part, A.Interp):
                 try:
                     v = self.static(part.expr, scope)
-                    out.append(("text", format(v, part.fmt) if part.fmt else to_text(v)))
+                    text = format(v, part.fmt) if part.fmt else to_text(v)
                 except (NotStatic, StaticError):
                     out.append(("dyn", (part.expr, part.fmt, dict(scope))))
+                else:
+                    self.check_encodable(text, part.span)
+                    out.append(("text", text))
             elif isinstance(part, A.Hole):
                 following = []
                 for q in parts[k + 1:]:
@@ -577,11 +628,14 @@ class Lowering:
         return scope
 
     def s_Factor(self, s: A.Factor, scope, guard, loop_index):
+        runtime = self.runtime
+
         def logw(v):
-            x = float(v)
-            if math.isnan(x):
-                raise ValueError("factor is NaN")
-            return x
+            # a number, finite or -inf; anything else (NaN, +inf, a bool, a string) stops the run, located
+            problem = check_factor(v)
+            if problem is not None:
+                raise HostAbort(runtime.factor_error(s.value, problem))
+            return float(v)
 
         self.host(logw, s.value, scope, guard, self.label(s))
         return scope

@@ -7,6 +7,10 @@ segment boundary, ``-inf`` where false (:func:`value_check`). ``h.pred(X, prefix
 ``Host`` segment after the hole checks every prefix of the complete value not yet accepted
 (:func:`prefixes_check`), so the meaning does not depend on the engine's calls. Accepted prefixes are
 memoised in the particle's ``data`` under :func:`prefix_memo_key`.
+
+Each call is guarded (:meth:`~lmprog.compiler.runtime_eval.Runtime.call`): an exception is a located error naming
+the predicate (it kills its particle; for every particle, the run fails); a call past the time limit or a result
+that is not a bool (``True``/``False``, NumPy's too) stops the run with a located error.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from typing import Callable
 import numpy as np
 
 from lmprog.automata.values import ValueRule
-from lmprog.compiler.errors import RunError, error_message
-from lmprog.compiler.runtime_eval import Runtime, active
+from lmprog.compiler.errors import HostAbort, RunError, error_message
+from lmprog.compiler.runtime_eval import Runtime, active, callee_name, describe, short_value
 from lmprog.dsl import ast as A
 from lmprog.dsl.printer import constraint_to_source
 
 __all__ = ["is_predicate_tree", "predicate_atoms", "predicate_fn", "predicate_label", "prefix_check",
-           "prefix_memo_key", "prefixes_check", "value_check"]
+           "prefix_memo_key", "prefixes_check", "truth", "value_check"]
 
 
 def predicate_atoms(c) -> list:
@@ -58,10 +62,10 @@ def predicate_fn(runtime: Runtime, c, scope, view, i) -> Callable[[str], bool]:
         fn = runtime.callable_of(c.func)
         kws = [k for k in c.kwargs if k.name != "prefix"]
         if not c.args and not kws:  # (no host view values needed: cheap in the per-token prefix check)
-            return lambda v: bool(fn(v))
+            return lambda v: truth(runtime, c, v, runtime.call(fn, (v,), {}, c))
         args = [runtime.eval_for(a, scope, view, i) for a in c.args]
         kwargs = {k.name: runtime.eval_for(k.value, scope, view, i) for k in kws}
-        return lambda v: bool(fn(v, *args, **kwargs))
+        return lambda v: truth(runtime, c, v, runtime.call(fn, (v, *args), kwargs, c))
     if isinstance(c, A.Not):
         f = predicate_fn(runtime, c.operand, scope, view, i)
         return lambda v: not f(v)
@@ -69,6 +73,19 @@ def predicate_fn(runtime: Runtime, c, scope, view, i) -> Callable[[str], bool]:
     if isinstance(c, A.And):
         return lambda v: all(f(v) for f in fs)
     return lambda v: any(f(v) for f in fs)
+
+
+def truth(runtime: Runtime, c, value, result) -> bool:
+    """The predicate ``c``'s ``result`` on ``value`` as a bool; anything but ``True``/``False`` (a forgotten
+    ``return`` gives ``None``) stops the run with a located error: coercing it would silently drop or keep
+    particles."""
+    if isinstance(result, (bool, np.bool_)):
+        return bool(result)
+    name = callee_name(c.func)
+    raise HostAbort(runtime.error(c.span, f"the predicate {name}() returned {describe(result)} for "
+                                          f"{c.hole.id} = {short_value(value)}, not a bool",
+                                  "a predicate returns True or False for every value (a function without a "
+                                  "`return` on some path returns None)"))
 
 
 def value_check(runtime: Runtime, c) -> Callable:

@@ -6,25 +6,42 @@ an ``if``). At run time an expression is evaluated for particle ``i`` of a host 
 finished sample, with Python semantics (:class:`RunEvaluator`) and the run-time built-ins: ``tokens`` (the
 model's tokenizer), ``logprob`` (of the holes completed so far), and the Python callables of the program
 (:class:`Runtime`: ``functions=`` callables and ``import "file.py" as h`` modules).
+
+Every call into the user's Python code (:meth:`Runtime.call`: functions in expressions, predicates, the import
+of a module) is guarded: an exception becomes a :class:`~lmprog.compiler.errors.HostError` located at the
+``.lmp`` call site (it kills its particle, as before); a call past the time limit (:func:`host_time_limit`,
+default :data:`DEFAULT_HOST_TIMEOUT` seconds), ``SystemExit`` or another ``BaseException`` stops the run
+(:class:`~lmprog.compiler.errors.HostAbort`); ``KeyboardInterrupt`` passes through (it is the user's Ctrl-C).
+A ``factor`` whose value is no number, NaN or ``+inf`` stops the run too (:func:`check_factor`, called by
+the lowering of ``factor``; :meth:`Runtime.factor_error` is its located error).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
-import re
+import math
+import os
+import signal
 import sys
+import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from lmprog.compiler.errors import lowering_error
+from lmprog.compiler.bytedfa import RegexError, regex_fullmatch
+from lmprog.compiler.errors import HostAbort, HostError, diagnostic, lowering_error
+from lmprog.compiler.regex_compile import LIMIT_HELP, RegexLimitError
 from lmprog.dsl import ast as A
 from lmprog.dsl.static import PURE_BUILTINS, Evaluator, StaticError
 
-__all__ = ["ParticleContext", "Ref", "RunEvaluator", "Runtime", "active", "guarded_ref", "hole_names",
-           "resolve", "static_ref", "to_text", "view_logprobs"]
+__all__ = ["DEFAULT_HOST_TIMEOUT", "HostTimeout", "ParticleContext", "Ref", "RunEvaluator", "Runtime", "active",
+           "call_limited", "check_factor", "guarded_ref", "hole_names", "host_time_limit", "resolve", "static_ref",
+           "to_text", "view_logprobs"]
 
 
 # --------------------------------------------------------------------------------------------- references
@@ -119,6 +136,171 @@ def to_text(v) -> str:
     return str(v)
 
 
+# -------------------------------------------------------------------------------------- guarded host calls
+
+#: Seconds one call into the user's Python code may take (``--host-timeout``, ``Program.run(host_timeout=)``).
+DEFAULT_HOST_TIMEOUT = 30.0
+
+_TIME_LIMIT: contextvars.ContextVar[float] = contextvars.ContextVar("lmprog_host_timeout",
+                                                                      default=DEFAULT_HOST_TIMEOUT)
+_LOCAL = threading.local()  # .depth: guarded calls in progress in this thread (nested calls are not timed)
+
+
+@contextlib.contextmanager
+def host_time_limit(seconds: Optional[float]) -> Iterator[None]:
+    """Within the block, each call into user code may take ``seconds`` (``None``: the default; ``0`` or
+    ``inf``: no limit). Set per thread (a ``ContextVar``), so concurrent runs keep their own limits."""
+    token = _TIME_LIMIT.set(DEFAULT_HOST_TIMEOUT if seconds is None else float(seconds))
+    try:
+        yield
+    finally:
+        _TIME_LIMIT.reset(token)
+
+
+class HostTimeout(Exception):
+    """A guarded call ran past its time limit; ``where``: the user's line it was running, if known."""
+
+    def __init__(self, seconds: float, where: str = ""):
+        super().__init__(f"did not return within {seconds:g} s")
+        self.seconds, self.where = seconds, where
+
+
+class _Alarm(BaseException):
+    """Raised by the SIGALRM handler inside the user's code (a BaseException: ``except Exception`` in the
+    user's code does not swallow it)."""
+
+
+def call_limited(fn: Callable, args=(), kwargs=None, seconds: Optional[float] = None) -> Any:
+    """``fn(*args, **kwargs)``, raising :class:`HostTimeout` when it takes longer than ``seconds`` (default:
+    the current :func:`host_time_limit`).
+
+    On the main thread of a POSIX process the call runs in place under ``SIGALRM`` (``setitimer``): cheap
+    (two system calls), and the alarm interrupts Python code wherever it is. Elsewhere (another thread, no
+    ``setitimer``, or a timer of someone else's already armed) the call runs in a worker thread that is
+    abandoned if it does not finish in time; that also stops waiting on C code that never returns to the
+    interpreter, which a signal cannot interrupt."""
+    kwargs = kwargs or {}
+    limit = _TIME_LIMIT.get() if seconds is None else float(seconds)
+    depth = getattr(_LOCAL, "depth", 0)
+    if depth or not limit or not limit > 0 or math.isinf(limit):  # nested, or no limit
+        return fn(*args, **kwargs)
+    _LOCAL.depth = depth + 1
+    try:
+        if (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+                and signal.getitimer(signal.ITIMER_REAL)[0] == 0):
+            return _with_alarm(fn, args, kwargs, limit)
+        return _in_thread(fn, args, kwargs, limit)
+    finally:
+        _LOCAL.depth = depth
+
+
+def _with_alarm(fn, args, kwargs, limit: float):
+    fired = []
+
+    def on_alarm(signum, frame):
+        fired.append(_running_at(frame))
+        raise _Alarm()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        # the alarm repeats every 0.1 s: user code that catches BaseException and carries on is interrupted
+        # again; once the timer is disarmed, a signal still pending finds the previous handler
+        signal.setitimer(signal.ITIMER_REAL, limit, 0.1)
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Alarm:
+        raise HostTimeout(limit, fired[0] if fired else "") from None
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    if fired:  # the user's code swallowed the alarm and returned late: still past the limit
+        raise HostTimeout(limit, fired[0])
+    return result
+
+
+def _in_thread(fn, args, kwargs, limit: float):
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="lmprog host call", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():  # abandoned: a daemon thread never keeps the process alive
+        frame = sys._current_frames().get(worker.ident)
+        raise HostTimeout(limit, _running_at(frame) if frame is not None else "")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _running_at(frame) -> str:
+    """``file:line, in name`` of the innermost frame of ``frame``'s stack outside this module."""
+    for fs in reversed(traceback.extract_stack(frame)):
+        if fs.filename != __file__:
+            return f"{os.path.basename(fs.filename)}:{fs.lineno}, in {fs.name}"
+    return ""
+
+
+def _raised_at(exc: BaseException) -> str:
+    """``file:line, in name`` of the innermost frame of ``exc``'s traceback outside this module."""
+    for fs in reversed(traceback.extract_tb(exc.__traceback__)):
+        if fs.filename != __file__:
+            return f"{os.path.basename(fs.filename)}:{fs.lineno}, in {fs.name}"
+    return ""
+
+
+def callee_name(f) -> str:
+    """How a message names the called function: ``h.pred``, ``score``."""
+    if isinstance(f, A.Attribute) and isinstance(f.value, A.Name):
+        return f"{f.value.id}.{f.attr}"
+    if isinstance(f, A.Name):
+        return f.id
+    return "the function"
+
+
+def short_value(v: Any, limit: int = 60) -> str:
+    """``repr(v)``, cut to about ``limit`` characters (values in messages)."""
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _source(expr) -> str:
+    """An expression as the program spells it (for messages)."""
+    from lmprog.dsl.printer import expr_to_source
+
+    try:
+        return expr_to_source(expr)
+    except Exception:  # noqa: BLE001 - a message detail only
+        return "value"
+
+
+def describe(v: Any) -> str:
+    """A value in a message: ``None``, ``str 'high'``, ``int 3``."""
+    return "None" if v is None else f"{type(v).__name__} {short_value(v)}"
+
+
+def check_factor(value: Any) -> Optional[str]:
+    """Why ``value`` cannot be a factor's log-weight increment (None if it can): a factor is an int or a float
+    (NumPy numbers too), finite or ``-inf`` (which rejects the particle); a bool is refused (it is almost
+    always a ``condition`` written as ``factor``)."""
+    if isinstance(value, (bool, np.bool_)):
+        return f"is a bool ({'true' if value else 'false'}), not a number"
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        return f"is {describe(value)}, not a number"
+    x = float(value)
+    if math.isnan(x):
+        return "is NaN"
+    if x == math.inf:
+        return "is +inf"
+    return None
+
+
 # --------------------------------------------------------------------------------------------- the runtime
 
 
@@ -132,6 +314,48 @@ class Runtime:
         self.tokenizer = tokenizer
         self.functions = dict(program.functions)
         self.modules: dict[str, Any] = {}
+
+    def error(self, span, message: str, help: Optional[str] = None) -> HostError:
+        """A :class:`HostError` located at ``span`` of the program."""
+        return HostError(diagnostic(self.program, span, message, help))
+
+    def factor_error(self, expr: A.Expr, problem: str) -> HostError:
+        """The located error for a ``factor`` whose value ``expr`` gave cannot be a log-weight increment
+        (``problem``: what :func:`check_factor` said); the lowering raises it as a :class:`HostAbort`."""
+        return self.error(expr.span, f"the factor {_source(expr)} {problem}",
+                          "a factor adds a number to the particle's log-weight: a finite int or float, or -inf "
+                          "to reject the particle (use `condition` for a true/false test)")
+
+    def call(self, fn: Callable, args, kwargs, node, what: Optional[str] = None) -> Any:
+        """``fn(*args, **kwargs)``: a call into the user's code at ``node`` (a call, a predicate; ``what``: how
+        messages name it, default ``h.pred()`` from the node's function), guarded. An exception becomes a :class:`HostError` naming the function, the call site and
+        the user's line that raised (it kills the particle); a call past the time limit, ``SystemExit`` or any
+        other ``BaseException`` raises :class:`HostAbort` (the run stops); ``KeyboardInterrupt`` passes."""
+        name = what or callee_name(getattr(node, "func", None)) + "()"
+        try:
+            return call_limited(fn, args, kwargs)
+        except (KeyboardInterrupt, HostAbort):
+            raise
+        except HostTimeout as exc:
+            where = f" (it was running {exc.where})" if exc.where else ""
+            raise HostAbort(self.error(node.span, f"{name} did not return within {exc.seconds:g} s{where}",
+                                       "a call into Python code may take at most --host-timeout SECONDS "
+                                       f"(Program.run(host_timeout=...); default {DEFAULT_HOST_TIMEOUT:g} s, "
+                                       "0 for no limit)")) from None
+        except Exception as exc:
+            # one line, the exception first: it kills its particle, and a host step that fails for every
+            # particle reports it after its own location ("...: failed for every particle: ValueError: ...")
+            at = _raised_at(exc)
+            text = f"{type(exc).__name__}: {exc} (raised by {name} called at {node.span}" + \
+                (f"; {at})" if at else ")")
+            raise HostError(diagnostic(self.program, node.span, f"{name} raised {type(exc).__name__}: {exc}"),
+                            text) from exc
+        except BaseException as exc:  # SystemExit (sys.exit, exit()), GeneratorExit, the user's own subclasses
+            at = _raised_at(exc)
+            kind = f"{type(exc).__name__}({short_value(exc.code) if isinstance(exc, SystemExit) else exc})"
+            raise HostAbort(self.error(node.span, f"{name} raised {kind}" + (f" ({at})" if at else ""),
+                                       "Python code called from a program must return a value; "
+                                       "sys.exit() there stops nothing but the run")) from None
 
     def count_tokens(self, text: str) -> int:
         """``tokens(text)``: its token count (no BOS)."""
@@ -168,9 +392,15 @@ class Runtime:
             mspec = importlib.util.spec_from_file_location(name, path)
             mod = importlib.util.module_from_spec(mspec)
             sys.modules[name] = mod
-            mspec.loader.exec_module(mod)
+            # the module's top-level code is user code: timed and guarded like a call
+            self.call(mspec.loader.exec_module, (mod,), {}, spec, what=f'the import of "{spec.path}"')
+        except HostAbort:
+            sys.modules.pop(name, None)
+            raise
         except Exception as exc:
-            raise lowering_error(p, spec.span, f"importing {spec.path} failed: {type(exc).__name__}: {exc}") from None
+            sys.modules.pop(name, None)
+            cause = exc.__cause__ if isinstance(exc, HostError) and exc.__cause__ is not None else exc
+            raise lowering_error(p, spec.span, f"importing {spec.path} failed: {type(cause).__name__}: {cause}") from None
         self.modules[alias] = mod
         return mod
 
@@ -211,7 +441,7 @@ class RunEvaluator(Evaluator):
         for op, right_e in zip(e.ops, e.comparators):
             right = self.eval(right_e)
             if op == "matches":
-                ok = re.fullmatch(right, left) is not None
+                ok = self._matches(left, right, right_e)
             elif op == "in":
                 ok = left in right
             elif op == "not in":
@@ -223,6 +453,21 @@ class RunEvaluator(Evaluator):
                 return False
             left = right
         return True
+
+    def _matches(self, text: Any, pattern: Any, pattern_e: A.Expr) -> bool:
+        """``text matches pattern`` on the constraint compiler's byte DFA (linear in the text, never
+        backtracking, the same semantics as static ``matches`` and ``where``). A pattern with no automaton (past
+        the automaton bounds, or syntax the compiler does not support) stops the run with an error located at
+        the regex."""
+        if not isinstance(text, str) or not isinstance(pattern, str):
+            raise StaticError(f"'matches' needs two strings, not {describe(text)} matches {describe(pattern)}")
+        try:
+            return regex_fullmatch(pattern, text)
+        except RegexError as exc:
+            help = (LIMIT_HELP if isinstance(exc, RegexLimitError) else
+                    "`matches` uses constraint regexes: the common subset of Python re and Rust regex syntax")
+            raise HostAbort(self.runtime.error(pattern_e.span, f"cannot match against the regex "
+                                               f"{short_value(pattern)}: {exc.reason}", help)) from None
 
     def _FString(self, e: A.FString):
         return "".join(p.value if isinstance(p, A.Text) else format(self.eval(p.expr), p.fmt or "")
@@ -244,4 +489,4 @@ class RunEvaluator(Evaluator):
         fn = self.runtime.callable_of(f)
         args = [self.eval(a) for a in e.args]
         kwargs = {k.name: self.eval(k.value) for k in e.kwargs}
-        return fn(*args, **kwargs)
+        return self.runtime.call(fn, args, kwargs, e)

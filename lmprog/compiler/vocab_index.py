@@ -17,6 +17,7 @@ import numpy as np
 
 from lmprog.compiler.bytedfa import gather_ranges
 from lmprog.compiler.counters import word_tracker
+from lmprog.compiler.regex_compile import MAX_TABLE_ENTRIES, RegexLimitError, limit_reason
 
 _PAIR_BUDGET = 4_000_000  # (state, token) pairs processed at once
 
@@ -137,8 +138,11 @@ def token_transitions(delta: np.ndarray, info: VocabInfo) -> np.ndarray:
     (``[S, 256]``, ``-1`` dead); ``-1`` for dead paths and for every unusable (special/empty) token.
 
     Walks the token trie breadth first with (node, state) pairs, dropping a pair as soon as its state dies,
-    so shared prefixes are walked once and a restrictive automaton stops after the first byte or two."""
+    so shared prefixes are walked once and a restrictive automaton stops after the first byte or two. Raises
+    :class:`~lmprog.compiler.regex_compile.RegexLimitError` when ``S x V`` is over ``MAX_TABLE_ENTRIES``."""
     n = delta.shape[0]
+    if n * info.size > MAX_TABLE_ENTRIES:  # checked before allocating the [S, V] table, not after
+        raise RegexLimitError("table", limit_reason("table"))
     sink = n
     full = np.vstack([np.where(delta >= 0, delta, sink), np.full((1, 256), sink)]).astype(np.int64).reshape(-1)
     out = np.full((n, info.size), -1, np.int32)

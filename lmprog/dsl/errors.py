@@ -49,7 +49,7 @@ class Diagnostic:
     def render(self) -> str:
         """``FILE:LINE:COL: message``, the source line, a caret span, then the help line if any."""
         where = str(self.span) if self.span.line > 0 else self.span.file  # no position: a file-level problem
-        out = [f"{where}: {self.message}"]
+        out = [f"{where}: {one_line(self.message)}"]
         if self.source_line is not None and self.span.line > 0:
             shown, carets = _caret_line(self.source_line, self.span)
             out.append("    " + shown)
@@ -73,12 +73,70 @@ class LmpError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
+        """Every diagnostic, except that a message repeated more than :data:`MAX_REPEATS` times is shown that
+        many times and then counted (``"[x]"`` on 1000 lines is one mistake, not 999 screens)."""
         n = len(self.diagnostics)
-        body = "\n".join(d.render() for d in self.diagnostics)
+        body = "\n".join(_collapse(self.diagnostics))
         return body if n <= 1 else f"{body}\n{n} errors"
 
     def __str__(self) -> str:
         return self.render()
+
+
+MAX_REPEATS = 3  # diagnostics with the same message and help shown before the rest are counted
+
+
+def _collapse(diagnostics: Sequence[Diagnostic]) -> list[str]:
+    """Rendered diagnostics, in order, with the repeats of a (file, message, help) past the first
+    :data:`MAX_REPEATS` left out and summarised after the last shown one (with the lines they are on)."""
+    groups: dict[tuple, list[Diagnostic]] = {}
+    for d in diagnostics:
+        groups.setdefault((d.span.file, d.message, d.help), []).append(d)
+    out = []
+    for d in diagnostics:
+        group = groups[(d.span.file, d.message, d.help)]
+        index = next(i for i, g in enumerate(group) if g is d)
+        if index < MAX_REPEATS:
+            out.append(d.render())
+        if index == MAX_REPEATS - 1 and len(group) > MAX_REPEATS:
+            rest = group[MAX_REPEATS:]
+            lines = ", ".join(str(r.span.line) for r in rest[:5]) + (", ..." if len(rest) > 5 else "")
+            out.append(f"... and {len(rest)} more like this (lines {lines})")
+    return out
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\n``), so that a message quoting
+    the user's text (a token with a newline in it) stays on its line."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ch == "\t":  # a tab does not break the line
+            out.append(ch)
+        elif ch in "\n\r":
+            out.append("\\n" if ch == "\n" else "\\r")
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out)
+
+
+def utf8_diagnostic(path: str, data: bytes, exc: UnicodeDecodeError) -> Diagnostic:
+    """The located diagnostic for a program file that is not valid UTF-8: the position of the first bad byte,
+    and the line it is on with the bad bytes shown as U+FFFD, so the caret has something to point at."""
+    from lmprog.dsl.source import Span
+
+    before = data[:exc.start]
+    line = before.count(b"\n") + 1
+    line_start = before.rfind(b"\n") + 1
+    line_end = data.find(b"\n", exc.start)
+    raw_line = data[line_start:] if line_end < 0 else data[line_start:line_end]
+    col = len(data[line_start:exc.start].decode("utf-8", "replace")) + 1
+    shown = raw_line.decode("utf-8", "replace").rstrip("\r")
+    return Diagnostic(Span(path, line, col, line, col + 1), f"the file is not valid UTF-8 (byte 0x{data[exc.start]:02x})",
+                      "save the program as UTF-8", shown)
 
 
 def _width(ch: str) -> int:

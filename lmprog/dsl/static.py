@@ -52,6 +52,22 @@ _CMPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.g
          "!=": operator.ne}
 
 
+def _static_match(pattern: Any, text: Any) -> bool:
+    """``text matches pattern`` with the constraint compiler's byte DFA (linear time, never backtracking, and
+    the same regex semantics as a ``where`` constraint); NotStatic when the DFA cannot be had (not a string,
+    not a constraint regex, or past the automaton bounds: the checker reports those where the regex is)."""
+    if not isinstance(pattern, str) or not isinstance(text, str):
+        raise NotStatic("matches needs two strings")
+    if len(text) > 16:  # kept from the backtracking days (tests/test_dsl_units.py expects it); the DFA needs no cap
+        raise NotStatic("only short strings are matched while folding")
+    from lmprog.compiler.check_regex import fullmatch  # the compiler's regex DFA (imported late: no cycle)
+
+    ok = fullmatch(pattern, text)
+    if ok is None:
+        raise NotStatic("this regex has no automaton within the bounds")
+    return ok
+
+
 class Evaluator:
     """The language's expressions with Python semantics, names looked up in ``env`` (a name not in it is
     :class:`NotStatic`). Subclasses add names and calls that need a run (the lowering's run-time evaluator)."""
@@ -156,9 +172,7 @@ class Evaluator:
             elif op == "not in":
                 ok = left not in right
             elif op == "matches":
-                if not isinstance(right, str) or not isinstance(left, str) or len(left) > 16:
-                    raise NotStatic("matching could backtrack for long")  # bounded on short strings
-                ok = re.fullmatch(right, left) is not None
+                ok = _static_match(right, left)
             else:
                 ok = _CMPS[op](left, right)
             if not ok:

@@ -112,10 +112,39 @@ def parse_tree(source: SourceFile, text: str, base: int, start: str) -> Tree:
         raise LmpError([_diag(source, base, base + 1, f"syntax error: {exc}")]) from None
     depth = tree_depth(tree)
     if depth > MAX_DEPTH:
-        raise LmpError([_diag(source, base, base + 1,
+        offset = base + _too_deep_offset(tree)
+        raise LmpError([_diag(source, offset, offset + 1,
                               f"the program is nested too deeply ({depth} levels; at most {MAX_DEPTH})",
                               "split the expression with let statements")])
     return tree
+
+
+def _too_deep_offset(tree: Tree) -> int:
+    """Offset in the parsed text of the first token below the first node deeper than ``MAX_DEPTH`` (where the
+    nesting goes too deep), found without recursion; 0 if no token is there."""
+    stack = [(tree, 1, 0)]
+    while stack:
+        node, depth, near = stack.pop()
+        here = getattr(node.meta, "start_pos", None) if not node.meta.empty else None
+        near = near if here is None else here  # an empty node (like `[]`) has no position: use its parent's
+        if depth > MAX_DEPTH:
+            return here if here is not None else (_first_token_offset(node) or near)
+        stack.extend((c, depth + 1, near) for c in reversed(node.children) if isinstance(c, Tree))
+    return 0
+
+
+def _first_token_offset(node: Tree) -> int:
+    """Start offset of the leftmost token under ``node`` (0 if it has none)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, Token):
+            if n.start_pos is not None:
+                return n.start_pos
+            continue
+        if isinstance(n, Tree):  # (lark's placeholders for absent optional parts are None)
+            stack.extend(reversed(n.children))
+    return 0
 
 
 def tree_depth(tree: Tree) -> int:

@@ -148,6 +148,12 @@ def _round_up(n: int, m: int) -> int:
     return -(-int(n) // m) * m
 
 
+def _round_own(n: int) -> int:
+    """Own cache slots, rounded so that programs of nearby sizes share compilations: to 4 up to 32 slots (a
+    short hole's few slots are what every particle pays for), then to 16."""
+    return _round_up(n, 4 if n <= 32 else 16)
+
+
 # ------------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------------
@@ -328,11 +334,11 @@ def layout(lm, program: SegmentProgram, strategy) -> Layout:
     # The shared prefix is stored once: its KV (positions 0 .. s0 - 1, prefilled at batch 1) becomes
     # Consts.prefix, attended to by every particle, and the particles' own caches hold positions s0 ..
     # cache_len - 1 only. Attention cost grows with the cache length: no slack beyond what the program can use
-    # (forced-text blocks are padded only up to the room left, see _feed); lengths are rounded up to 16 so
+    # (forced-text blocks are padded only up to the room left, see _feed); lengths are rounded (_round_own) so
     # that programs of nearby sizes share compilations.
     s0 = t0 - 1  # prefix[:-1] is prefilled; prefix[-1] is every particle's pending token, at position s0
     if SHARE_PREFIX:
-        cache_len = s0 + min(max_ctx - s0, _round_up(need + 1 - s0, 16))
+        cache_len = s0 + min(max_ctx - s0, _round_own(need + 1 - s0))
         prefix_buf = _round_up(max(s0, 1), 16)
     else:  # the prefix broadcast into every particle's cache
         cache_len = prefix_buf = min(max_ctx, _round_up(need + 1, 16))
@@ -397,6 +403,7 @@ def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress
         key=key,
         n_tokens=jnp.int32(0),
         n_forward=jnp.int32(0),
+        n_rows=jnp.int32(0),
     )
     s = Setup(prefix=prefix, prefix_lp=prefix_lp, n_prefill=n_prefill, first=i0, cache_len=cache_len, slack=slack,
               pos0=t0 - 1)
@@ -491,11 +498,16 @@ def prefill_group_text(run: Run, state: RunState, s: Setup) -> tuple[RunState, S
                                s.cache_len)
         calls += k
         caches.append(cache)
+    # The particles of groups with the same text share one row holding it (rows past the distinct texts: free).
+    which = [unique[tuple(e)] for e in ext]
+    state = state._replace(particles=state.particles._replace(row=jnp.asarray(np.repeat(which, n).astype(np.int32))))
     if len(caches) == 1:
         cache = run.lm.broadcast(caches[0], num)
     else:
         cat = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *caches)
-        cache = run.lm.reorder(cat, jnp.asarray(np.repeat([unique[tuple(e)] for e in ext], n).astype(np.int32)))
+        fill = np.zeros(num, np.int32)
+        fill[: len(caches)] = np.arange(len(caches))
+        cache = run.lm.reorder(cat, jnp.asarray(fill))
     s = replace(s, first=j, pos0=t0 - 1 + max(len(e) for e in ext), n_prefill=s.n_prefill + calls)
     return state._replace(cache=cache), s
 
@@ -786,11 +798,12 @@ def assemble(run: Run, state: RunState, s: Setup, t_start: float) -> InferenceRe
 
 def run_stats(run: Run, state: RunState, s: Setup, **more) -> dict:
     """The counters every result reports: tokens processed, LM calls, prompt size, compile time."""
-    n_tokens, n_forward = jax.device_get((state.n_tokens, state.n_forward))
+    n_tokens, n_forward, n_rows = jax.device_get((state.n_tokens, state.n_forward, state.n_rows))
     return {
         "tokens": int(n_tokens),
         "prefill_tokens": len(s.prefix) - 1,
         "forward_passes": int(n_forward) + s.n_prefill,
+        "decode_rows": int(n_rows),
         "compile_s": run.compile_s,
         "prefix_logprob": s.prefix_lp,
         **more,

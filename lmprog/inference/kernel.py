@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,9 @@ class KernelConfig:
         stop_on_resample: end a chunk right after a step that resampled (SMC with rejuvenation moves).
         conditional: particle 0 of every group is its own ancestor at every resampling (conditional SMC,
             particle Gibbs' reference trajectory); the others are resampled from all particles.
+        distinct: sample/argmax steps run the LM once per distinct history (:meth:`Kernels._distinct_step`),
+            in blocks of bounded size; ``False``: every particle through the LM every step (the reference the
+            distinct step is tested against). Beam search always runs every beam.
     """
 
     select: str = "sample"
@@ -59,6 +62,7 @@ class KernelConfig:
     trace: bool = False
     stop_on_resample: bool = False
     conditional: bool = False
+    distinct: bool = True
 
     def __post_init__(self):
         if self.select not in ("sample", "argmax", "beam"):
@@ -72,6 +76,70 @@ class KernelConfig:
 def _safe_max(x, axis=-1, keepdims=False):
     m = jnp.max(x, axis=axis, keepdims=keepdims)
     return jnp.where(jnp.isfinite(m), m, 0.0)
+
+#: Bytes the ``[rows, V]`` arrays of one decode block may take (logits, mask, CDF and their temporaries):
+#: bounds a step's working set however many particles run (the particles themselves cost ``[P]`` words).
+DECODE_BLOCK_BYTES = 512 << 20
+#: Forced-text blocks up to this many tokens keep history classes exactly (one sort key per token).
+FEED_KEY_TOKENS = 16
+#: Rows of the small block: a step with at most this many distinct histories runs one small forward.
+SMALL_BLOCK_ROWS = 32
+#: Float32 ``[V]`` rows one decode row keeps alive at once (logits, masked logits, exponentials, CDF, mask).
+DECODE_ROW_WORDS = 6
+
+
+def decode_block_rows(num: int, vocab: int) -> tuple[int, int]:
+    """``(small, large)`` rows of the two decode blocks for ``num`` particles over ``vocab`` columns. ``large
+    == num``: the large block is every particle in place (no gather); else a power of two fitting
+    :data:`DECODE_BLOCK_BYTES`."""
+    fit = max(SMALL_BLOCK_ROWS, DECODE_BLOCK_BYTES // max(1, vocab * 4 * DECODE_ROW_WORDS))
+    large = num if num <= fit else 1 << (fit.bit_length() - 1)
+    return min(num, SMALL_BLOCK_ROWS), large
+
+
+def _classes(keys) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Equivalence classes of the rows of ``keys`` (a tuple of ``[P]`` int32 arrays): ``(cls, rep, first,
+    lead)``. ``cls [P]``: the class of each row, numbered ``0 ..`` in lexicographic order of the key tuples;
+    ``rep [P]``: ``rep[c]`` is a row of class ``c`` (entries past the last class: 0); ``first [P]`` (sorted
+    order): a class starts there; ``lead [P]``: ``keys[0]`` in sorted order."""
+    n = keys[0].shape[0]
+    out = lax.sort(tuple(keys) + (jnp.arange(n, dtype=jnp.int32),), num_keys=len(keys))
+    perm = out[-1]
+    first = jnp.zeros((n,), bool).at[0].set(True)
+    for k in out[:-1]:
+        first = first | jnp.concatenate([jnp.ones((1,), bool), k[1:] != k[:-1]])
+    cls_sorted = jnp.cumsum(first.astype(jnp.int32)) - 1
+    cls = jnp.zeros((n,), jnp.int32).at[perm].set(cls_sorted)
+    rep = jnp.zeros((n,), jnp.int32).at[jnp.where(first, cls_sorted, n)].set(perm, mode="drop")
+    return cls, rep, first, out[0]
+
+
+def run_if(pred, fn, carry):
+    """``fn(carry)`` where ``pred`` holds, else ``carry``: a loop of at most one turn. XLA updates a loop's
+    carry in place, where the branches of a conditional get copies of large operands such as the KV cache."""
+    return lax.while_loop(lambda c: c[0], lambda c: (jnp.bool_(False), fn(c[1])), (jnp.asarray(pred), carry))[1]
+
+
+def renumber(*keys) -> jax.Array:
+    """``[P]`` class numbers of the rows of ``keys``: equal tuples, equal numbers (see :func:`_classes`)."""
+    return _classes(tuple(jnp.asarray(k, jnp.int32) for k in keys))[0]
+
+
+def _upper_bound(cdf: jax.Array, row: jax.Array, q: jax.Array) -> jax.Array:
+    """For each ``i``: the number of entries of ``cdf[row[i]]`` (a non-decreasing row) that are ``<= q[i]``, by
+    binary search: ``[P]`` gathers per halving, never a ``[P, V]`` array."""
+    v = cdf.shape[1]
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        le = cdf[row, jnp.minimum(mid, v - 1)] <= q
+        open_ = lo < hi
+        return jnp.where(open_ & le, mid + 1, lo), jnp.where(open_ & ~le, mid, hi)
+
+    lo = jnp.zeros(q.shape, jnp.int32)
+    lo, _ = lax.fori_loop(0, max(1, int(v).bit_length()), halve, (lo, jnp.full(q.shape, v, jnp.int32)))
+    return lo
 
 
 def sample_masked(key: jax.Array, masked_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -143,8 +211,17 @@ class Kernels:
         num, t = tokens.shape
         v = consts.table.vocab_size
         x = jnp.concatenate([p.last[:, None], tokens[:, :-1]], axis=1)
-        logits, cache = self.lm.apply(params, state.cache, x, p.position, prefix=consts.prefix)
         valid = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths[:, None]
+        # Sharers of a row that write different tokens (or at different positions) get rows of their own first;
+        # the others write the same entries into the row they share. Short blocks are told apart token by
+        # token; a longer block only when every particle is fed the same tokens.
+        if t <= FEED_KEY_TOKENS:
+            fed = tuple(jnp.where(valid[:, j], tokens[:, j], -1) for j in range(t))
+        else:
+            same = jnp.all((tokens == tokens[:1]) | ~valid, axis=1) & (lengths == lengths[0])
+            fed = (jnp.where(jnp.all(same), 0, jnp.arange(num, dtype=jnp.int32)),)
+        state, p = self._unshare(state, (p.position, p.last, lengths) + fed)
+        logits, cache = self.lm.apply(params, state.cache, x, p.position, prefix=consts.prefix, rows=p.row)
         alive = p.cause == 0
         if observe:
             logp = jax.nn.log_softmax(logits[..., :v] / consts.temperature, axis=-1)
@@ -253,7 +330,8 @@ class Kernels:
         return state._replace(particles=p._replace(cause=jnp.where(p.cause == int(Cause.DEAD), cause, p.cause)))
 
     def _logits(self, params, consts: Consts, state: RunState):
-        """Tempered next-token logits ``[P, V]`` (``V``: the token table's width) and the updated cache."""
+        """Tempered next-token logits ``[P, V]`` (``V``: the token table's width) and the updated cache, for
+        particles each in its own row ``i`` (:meth:`_compact`)."""
         p = state.particles
         v = consts.table.vocab_size
         logits, cache = self.lm.apply(params, state.cache, p.last[:, None], p.position, prefix=consts.prefix)
@@ -305,6 +383,7 @@ class Kernels:
 
     def _sample_step(self, params, consts: Consts, hp: HoleParams, state: RunState, key):
         """One decode step for every particle: sample (or argmax) from the masked, renormalized proposal."""
+        state = self._compact(state)
         p = state.particles
         z, cache = self._logits(params, consts, state)
         ok = self._mask(consts, hp, p)
@@ -337,11 +416,180 @@ class Kernels:
             cache=cache,
             n_tokens=state.n_tokens + jnp.sum(alive),
             n_forward=state.n_forward + 1,
+            n_rows=state.n_rows + num,
         )
+
+    def _distinct_step(self, params, consts: Consts, hp: HoleParams, state: RunState, key):
+        """One decode step, the LM run once per distinct history: the same step as :meth:`_sample_step`.
+
+        Particles still generating the hole are put in classes of equal ``(row, last)`` (the same cache
+        history and pending token, hence the same logits) and equal hole state (automaton, counters, tokens in
+        the hole: the same mask). With few classes (at most :data:`SMALL_BLOCK_ROWS`), or more particles than
+        one block holds (:func:`decode_block_rows`), sharers that will write different tokens first get rows of
+        their own (:meth:`_unshare`) and one representative row per class goes through the LM, in blocks (one
+        small block when the classes fit it, else large ones): each block's mask, normalizer and CDF are
+        computed per class, every particle of the class draws its own token from them with its own uniform
+        (inverse CDF, as :func:`sample_masked`), and the representative writes the pending token's KV entry
+        into the row its class shares. Otherwise every particle goes through the LM in place, each in its own
+        row (:meth:`_compact`). Idle particles (done, paused) take no LM row in blocks. Weights, scores and the
+        proposal are exactly those of the per-particle step; only the LM work and the ``[rows, V]`` working set
+        shrink.
+        """
+        cfg = self.cfg
+        num = state.particles.last.shape[0]
+        v = consts.table.vocab_size
+        i32 = jnp.int32
+        active = self.running(state.particles, hp)
+        rows_all = jnp.arange(num, dtype=i32)
+        u = jax.random.uniform(key, (num,), dtype=jnp.float32)
+        small, large = decode_block_rows(num, v)
+
+        def classes(p):
+            cls, rep, first, lead = _classes((
+                (~active).astype(i32), p.row, p.last, p.auto, p.counts[:, 0], p.counts[:, 1], p.counts[:, 2],
+                p.n_hole,
+            ))
+            return cls, rep, jnp.sum((first & (lead == 0)).astype(i32))  # running classes: 0 .. n_cls - 1
+
+        def block(p, cls, rep, n_cls, size: int, in_place: bool):
+            forced = p.length < p.force_len
+            f_tok = p.tokens[rows_all, jnp.minimum(p.length, p.tokens.shape[1] - 1)]
+
+            def run(carry):
+                b0, cache, out, n_fwd, n_rows = carry
+                if in_place:  # every particle through the LM, row i = particle i
+                    rows, read, local, mine = None, rows_all, rows_all, active
+                else:
+                    ids = b0 + jnp.arange(size, dtype=i32)
+                    read = rep[jnp.minimum(ids, num - 1)]
+                    rows = jnp.where(ids < n_cls, p.row[read], num)  # padding rows write nothing
+                    local = jnp.clip(cls - b0, 0, size - 1)
+                    mine = active & (cls >= b0) & (cls < b0 + size)
+                logits, cache = self.lm.apply(params, cache, p.last[read][:, None], p.position[read],
+                                              prefix=consts.prefix, rows=rows)
+                z = logits[:, 0, :v].astype(jnp.float32) / consts.temperature
+                ok = consts.table.mask(p.auto[read], p.counts[read], hp.max_tokens)
+                ok = ok & (p.n_hole[read] < hp.max_steps)[:, None]
+                lse_all = jax.nn.logsumexp(z, axis=-1)
+                masked = jnp.where(ok, z, NEG_INF)
+                if cfg.select == "argmax":
+                    tok = jnp.argmax(masked, axis=-1).astype(i32)[local]
+                    lse_masked = jax.nn.logsumexp(masked, axis=-1)
+                else:
+                    m = _safe_max(masked, keepdims=True)
+                    cdf = jnp.cumsum(jnp.exp(masked - m), axis=-1)
+                    total = cdf[:, -1]
+                    tot = total[local]
+                    q = jnp.clip(u * tot, 0, jnp.nextafter(tot, jnp.zeros_like(tot)))
+                    tok = jnp.minimum(_upper_bound(cdf, local, q), v - 1)
+                    lse_masked = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + m[:, 0], NEG_INF)
+                tok = jnp.where(forced, f_tok, tok)
+                new = (tok, ok[local, tok], lse_masked[local] - lse_all[local], z[local, tok] - lse_all[local])
+                out = tuple(jnp.where(mine, a, b) for a, b in zip(new, out))
+                width = num if in_place else size
+                return b0 + width, cache, out, n_fwd + 1, n_rows + width
+
+            return run
+
+        out0 = (jnp.zeros((num,), i32), jnp.zeros((num,), bool), jnp.full((num,), NEG_INF), jnp.zeros((num,)))
+
+        def by_class(st: RunState):
+            st, p = self._unshare(st, (active, st.particles.position, st.particles.last))
+            cls, rep, n_cls = classes(p)
+            carry = (i32(0), st.cache, out0, st.n_forward, st.n_rows)
+            one = block(p, cls, rep, n_cls, small, False)
+            if large == num:  # only taken with at most `small` classes: one small block
+                carry = one(carry)
+            else:  # large blocks while more than a small one is left, then at most one small block
+                carry = lax.while_loop(lambda c: n_cls - c[0] > small, block(p, cls, rep, n_cls, large, False), carry)
+                carry = run_if(carry[0] < n_cls, one, carry)
+            return p, carry
+
+        def in_place(st: RunState):
+            st = self._compact(st)
+            p = st.particles
+            carry = block(p, rows_all, rows_all, i32(num), num, True)((i32(0), st.cache, out0, st.n_forward, st.n_rows))
+            return p, carry
+
+        if num <= small:
+            p, carry = in_place(state)
+        elif large == num:
+            few = classes(state.particles)[2] <= small
+
+            def into(path):  # state -> the carry of `path`, with the state's particles in it
+                def go(c):
+                    st = state._replace(particles=c[0], cache=c[1][1])
+                    return path(st)
+                return go
+
+            init = (state.particles, (i32(0), state.cache, out0, state.n_forward, state.n_rows))
+            p, carry = run_if(~few, into(in_place), run_if(few, into(by_class), init))
+        else:
+            p, carry = by_class(state)
+        _, cache, (tok, tok_ok, log_mass, lp_tok), n_forward, n_rows = carry
+        alive = active & (log_mass > NEG_INF) & tok_ok
+        died = active & ~alive
+        tok = jnp.where(alive, tok, 0)
+        lp_tok = jnp.where(alive, lp_tok, 0.0)
+        cause = jnp.full_like(p.cause, int(Cause.DEAD))
+        inc_w = log_mass if cfg.weighted else jnp.zeros_like(log_mass)
+        p = self._advance(consts, p, alive, tok, lp_tok, inc_w, died, cause)
+        return state._replace(
+            particles=p,
+            cache=cache,
+            n_tokens=state.n_tokens + jnp.sum(alive),
+            n_forward=n_forward,
+            n_rows=n_rows,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Rows of the cache (Particles.row)
+    # ------------------------------------------------------------------------------------------------
+
+    def _compact(self, state: RunState) -> RunState:
+        """Every particle in its own row, row ``i`` for particle ``i`` (a gather of the cache unless the rows
+        are already so): for kernels that run every particle through the LM in place."""
+        p = state.particles
+        ident = jnp.arange(p.row.shape[0], dtype=jnp.int32)
+        cache = run_if(jnp.any(p.row != ident), lambda c: self.lm.reorder(c, p.row), state.cache)
+        return state._replace(cache=cache, particles=p._replace(row=ident))
+
+    def _unshare(self, state: RunState, keys) -> tuple[RunState, Particles]:
+        """Particles that share a row but differ in ``keys`` (what they will write there and where) stop
+        sharing it: in each row the first class of equal keys keeps the row and every other class moves, all its
+        particles together, to a free row (one no particle uses) holding a copy of it. Copies run in blocks of
+        :data:`SMALL_BLOCK_ROWS` rows, as many as there are classes to move (none when nobody shares). There is
+        always a free row for each: classes <= P, and each used row keeps one."""
+        p = state.particles
+        num = p.row.shape[0]
+        i32 = jnp.int32
+        cls, _, first, lead = _classes((p.row,) + tuple(jnp.asarray(k, i32) for k in keys))
+        row_start = jnp.concatenate([jnp.ones((1,), bool), lead[1:] != lead[:-1]])  # sorted order
+        moves = first & ~row_start
+        k = jnp.cumsum(moves.astype(i32)) - 1
+        used = jnp.zeros((num,), bool).at[p.row].set(True, mode="drop")
+        free = jnp.nonzero(~used, size=num, fill_value=num)[0].astype(i32)
+        cls_sorted = jnp.cumsum(first.astype(i32)) - 1
+        start_row = jnp.where(moves, free[jnp.clip(k, 0, num - 1)], lead)
+        class_row = jnp.zeros((num,), i32).at[jnp.where(first, cls_sorted, num)].set(start_row, mode="drop")
+        n_moves = jnp.sum(moves.astype(i32))
+        src = jnp.zeros((num,), i32).at[jnp.where(moves, k, num)].set(lead, mode="drop")
+        size = min(num, SMALL_BLOCK_ROWS)
+
+        def copy(c):
+            b0, cache = c
+            ids = b0 + jnp.arange(size, dtype=i32)
+            at = jnp.minimum(ids, num - 1)
+            return b0 + size, self.lm.copy_rows(cache, src[at], jnp.where(ids < n_moves, free[at], num))
+
+        _, cache = lax.while_loop(lambda c: c[0] < n_moves, copy, (i32(0), state.cache))
+        p = p._replace(row=class_row[cls])
+        return state._replace(particles=p, cache=cache), p
 
     def _beam_step(self, params, consts: Consts, hp: HoleParams, state: RunState, key):
         """One beam step: the ``P`` best of every live beam's allowed extensions and every finished beam,
         by score (log target density). Beams are reordered (and the cache with them) every step."""
+        state = self._compact(state)
         p = state.particles
         num = p.last.shape[0]
         z, cache = self._logits(params, consts, state)
@@ -369,7 +617,8 @@ class Kernels:
         )
         q = jax.tree.map(lambda x: jnp.take(x, anc, axis=0), p)
         q = q._replace(done=q.done | ~expand)  # a stay beam stays done; a dead pick is done
-        cache = self.lm.reorder(cache, anc)
+        cache = self.lm.reorder(cache, anc)  # beam i's history is now row i
+        q = q._replace(row=jnp.arange(num, dtype=jnp.int32))
         q = self._advance(
             consts, q, expand, tok, logp[anc, tok], jnp.zeros((num,), jnp.float32), dead & (q.cause == 0), row_cause
         )
@@ -379,6 +628,7 @@ class Kernels:
             cache=cache,
             n_tokens=state.n_tokens + jnp.sum(expand),
             n_forward=state.n_forward + 1,
+            n_rows=state.n_rows + num,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -423,7 +673,7 @@ class Kernels:
         middle of that hole, with the automaton state, counters, weight and score recorded there; the
         next hole step regenerates token ``t[i]``."""
         TRACE_COUNTS["resume_hole"] += 1
-        p = state.particles
+        state, p = self._unshare(state, (mask, jnp.where(mask, t, -1)))  # a cut particle will write from t on
         num = p.last.shape[0]
         rows = jnp.arange(num)
         tr = p.trace
@@ -450,9 +700,9 @@ class Kernels:
         """Particles in ``mask`` go back to the start of segment ``slot`` (recorded by :meth:`_snapshot`);
         holes from ``first_hole`` on (those of this segment and after) are forgotten."""
         TRACE_COUNTS["resume_segment"] += 1
-        p = state.particles
+        t = state.particles.trace.seg_length[:, slot]
+        state, p = self._unshare(state, (mask, jnp.where(mask, t, -1)))
         tr = p.trace
-        t = tr.seg_length[:, slot]
         p = self._cut(p, mask, t, prefix_last, jnp.full_like(t, first_hole))
         p = p._replace(
             auto=jnp.where(mask, -1, p.auto),
@@ -467,17 +717,19 @@ class Kernels:
         return state._replace(particles=p)
 
     def _select(self, current: RunState, proposal: RunState, accept):
-        """Row ``i`` from ``proposal`` where ``accept[i]``, else from ``current`` (particles and KV cache;
-        every cache leaf has the particle axis first, as :meth:`LanguageModel.reorder` assumes)."""
+        """Particle ``i`` from ``proposal`` where ``accept[i]``, else from ``current``, with its KV history."""
         TRACE_COUNTS["select"] += 1
 
         def pick(a, b):
             return jnp.where(jnp.reshape(accept, (-1,) + (1,) * (a.ndim - 1)), b, a)
 
-        return proposal._replace(
-            particles=jax.tree.map(pick, current.particles, proposal.particles),
-            cache=jax.tree.map(pick, current.cache, proposal.cache),
-        )
+        # Row i of the result: particle i's history, from the proposal's cache where accepted (rows are gathered:
+        # the two states' row numbers are unrelated).
+        cache = jax.tree.map(pick, self.lm.reorder(current.cache, current.particles.row),
+                             self.lm.reorder(proposal.cache, proposal.particles.row))
+        parts = jax.tree.map(pick, current.particles, proposal.particles)
+        num = parts.row.shape[0]
+        return proposal._replace(particles=parts._replace(row=jnp.arange(num, dtype=jnp.int32)), cache=cache)
 
     # ------------------------------------------------------------------------------------------------
     # Resampling
@@ -508,7 +760,7 @@ class Kernels:
         do = do & jnp.any(self.running(p, hp).reshape(g, n), axis=1)
         resampler = resampling.get_resampler(cfg.resampler)
 
-        def go(state: RunState) -> RunState:
+        def go(parts: Particles, log_z):
             w = resampling.normalized_weights(lw)
             keys = jax.random.split(key, g)
             anc = jax.vmap(resampler, in_axes=(0, 0, None))(keys, w, n)
@@ -516,17 +768,16 @@ class Kernels:
                 anc = anc.at[:, 0].set(0)
             anc = jnp.where(do[:, None], anc, jnp.arange(n, dtype=jnp.int32)[None, :])
             anc = (anc + (jnp.arange(g, dtype=jnp.int32) * n)[:, None]).reshape(num)
-            q = jax.tree.map(lambda x: jnp.take(x, anc, axis=0), state.particles)
+            q = jax.tree.map(lambda x: jnp.take(x, anc, axis=0), parts)
             q = q._replace(log_weight=jnp.where(do[:, None], 0.0, lw).reshape(num))
             if cfg.conditional:  # descendants of the reference do not replay it
                 q = q._replace(force_len=jnp.where(jnp.arange(num) % n == 0, q.force_len, 0))
-            return state._replace(
-                particles=q,
-                cache=self.lm.reorder(state.cache, anc),
-                log_z=state.log_z + jnp.where(do, lse - math.log(n), 0.0),
-            )
+            return q, log_z + jnp.where(do, lse - math.log(n), 0.0)
 
-        state = lax.cond(jnp.any(do), go, lambda s: s, state)
+        # Children share their ancestor's cache row (Particles.row): the cache stays out of the branch, so
+        # nothing of it is copied.
+        parts, log_z = lax.cond(jnp.any(do), go, lambda q, z: (q, z), state.particles, state.log_z)
+        state = state._replace(particles=parts, log_z=log_z)
         return state, ess, do
 
     # ------------------------------------------------------------------------------------------------
@@ -542,7 +793,7 @@ class Kernels:
         TRACE_COUNTS["hole_chunk"] += 1
         cfg = self.cfg
         g = cfg.groups
-        step = self._beam_step if cfg.select == "beam" else self._sample_step
+        step = self._beam_step if cfg.select == "beam" else self._distinct_step if cfg.distinct else self._sample_step
 
         def cond(c):
             i, st, _, res_buf = c
@@ -571,8 +822,15 @@ class Kernels:
 _KERNELS: dict = {}
 
 
+#: ``False``: every kernel runs every particle through the LM at every step (``KernelConfig.distinct`` off):
+#: the reference the tests compare distinct decoding with.
+DISTINCT = True
+
+
 def get_kernels(lm, cfg: KernelConfig) -> Kernels:
     """The (cached) kernels for ``lm`` and ``cfg``: one compilation per model, config and shapes."""
+    if not DISTINCT and cfg.distinct:
+        cfg = replace(cfg, distinct=False)
     key = (id(lm), cfg)
     hit = _KERNELS.get(key)
     if hit is not None and hit.lm is lm:

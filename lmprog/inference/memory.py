@@ -3,12 +3,14 @@
 A run's device memory beyond the loaded weights is, per part (``P`` particles in all, ``V`` the width of the
 token table, ``L`` a particle's own cache slots, ``S`` the bytes of one cache slot of one row)::
 
-    own KV caches     P x L x S x c      c = 1, +1 when the cache is gathered (resampling, beam: the gather
-                                          writes a new copy; measured, 250 particles of SMC with 272 slots
-                                          peak at 7.2 GiB for 3.1 GiB of cache), +1 when MCMC keeps the
-                                          current state beside the proposal
+    own KV caches     P x L x S x c      c = 1, +1 when the cache is gathered (beam search; decoding every
+                                          particle in place, which first gives each particle its own row:
+                                          the gather writes a new copy), +1 when MCMC keeps the current state
+                                          beside the proposal. Resampling copies nothing (Particles.row)
     shared prefix     prefix_len x S     (once)
-    decode step       P x V x 4 x 6      logits, masked logits, their exponentials and CDF, masks
+    decode step       B x V x 4 x 6      logits, masked logits, their exponentials and CDF, masks, for the B rows
+                                          of the largest decode block (B <= P: distinct histories in blocks of
+                                          bounded size, kernel.decode_block_rows; beam: B = P)
     forced text       P x T x V x 4 x 3  T <= FEED_CHUNK: observed text scored in blocks (logits, log-softmax)
     buffers, traces   P x buf_len x 4 x (1 + 7 when MCMC traces)
     token table       its bytes (once); XLA scratch: a fixed allowance
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from lmprog.inference.kernel import DECODE_ROW_WORDS, decode_block_rows
 from lmprog.inference.segments import Observe
 
 __all__ = ["MemoryPlan", "MemoryPlanError", "available_bytes", "cache_slot_bytes", "estimate", "parse_size", "plan"]
@@ -117,16 +120,28 @@ def estimate(slot: int, layout, num: int, cfg, vocab: int, table_bytes: int, obs
     """The parts of a run's memory (bytes), see the module docstring. ``slot``: :func:`cache_slot_bytes` of the
     model; ``layout``: the engine's :class:`~lmprog.inference.engine.Layout`; ``num``: particles in all (groups
     x particles); ``observe_width``: the widest block of observed text fed at once after the shared prefix."""
-    copies = 1 + int(cfg.resampler is not None or cfg.select == "beam") + int(cfg.trace)
+    small, large = decode_block_rows(num, vocab)
+    # A gathered copy of the caches: beam search reorders them every step; decoding every particle in place
+    # (more distinct histories than a small block, all particles in one block) first puts each in its own row.
+    # Resampling moves row indices only (Particles.row).
+    gathered = cfg.select == "beam" or not cfg.distinct or small < num <= large
+    copies = 1 + int(gathered) + int(cfg.trace)
     return {
         "caches": num * layout.own_len * slot * copies,
         "prefix": layout.prefix_buf * slot,
-        "step": num * vocab * 4 * 6,
+        "step": _step_bytes(num, vocab, cfg),
         "observe": num * observe_width * vocab * 4 * 3,
         "buffers": num * layout.buf_len * 4 * (1 + (7 if cfg.trace else 0)),
         "table": int(table_bytes),
         "scratch": SCRATCH_BYTES,
     }
+
+
+def _step_bytes(num: int, vocab: int, cfg) -> int:
+    """A decode step's working set: ``[rows, V]`` float32 arrays for the rows of its largest block (every
+    particle for beam search and the per-particle step), plus ``[P]`` words per particle."""
+    rows = decode_block_rows(num, vocab)[1] if (cfg.distinct and cfg.select != "beam") else num
+    return rows * vocab * 4 * DECODE_ROW_WORDS + num * 4 * 16
 
 
 def plan(lm, program, strategy, groups: int, layout, feed_chunk: int, memory_limit=None) -> MemoryPlan:

@@ -90,7 +90,7 @@ class ParticleGibbs(Strategy):
                 force_len=jnp.asarray(np.where(replay, ref.length, 0).astype(np.int32)),
             )
             state = base._replace(particles=parts, key=jax.random.fold_in(key, it), n_tokens=state.n_tokens,
-                                  n_forward=state.n_forward)
+                                  n_forward=state.n_forward, n_rows=state.n_rows)
             run.data = None
             state = engine.walk(run, state, s, Replay(replay))
             p = jax.device_get(state.particles)
