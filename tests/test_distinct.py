@@ -107,6 +107,24 @@ def test_upper_bound_equals_counting_entries_at_most_q():
     assert (probs[np.asarray(row), np.minimum(got, 36)] > 0).all()  # never a zero-probability token
 
 
+def test_in_place_resampling_keeps_the_children_and_each_first_child_at_its_ancestor():
+    from lmprog.inference.kernel import _in_place
+
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        n = int(rng.integers(1, 24))
+        anc = np.sort(rng.integers(0, n, size=n))
+        out = np.asarray(_in_place(jnp.asarray(anc, jnp.int32)))
+        assert sorted(out.tolist()) == anc.tolist()  # the same multiset of children
+        assert all(out[j] == j for j in set(anc.tolist()))  # a selected ancestor keeps its index
+    np.testing.assert_array_equal(np.asarray(_in_place(jnp.asarray([0, 0, 0, 3], jnp.int32))), [0, 0, 0, 3])
+    np.testing.assert_array_equal(np.asarray(_in_place(jnp.asarray([1, 1, 2, 2], jnp.int32))), [1, 1, 2, 2])
+    np.testing.assert_array_equal(np.asarray(_in_place(jnp.asarray([2, 2, 2, 2], jnp.int32))), [2, 2, 2, 2])
+    np.testing.assert_array_equal(np.asarray(_in_place(jnp.asarray([0, 2, 2, 3], jnp.int32))), [0, 2, 2, 3])
+    np.testing.assert_array_equal(np.asarray(_in_place(jnp.asarray([1, 1, 1, 3], jnp.int32))), [1, 1, 1, 3])
+    np.testing.assert_array_equal(np.asarray(_in_place(jnp.asarray([3, 3, 0, 0], jnp.int32))), [0, 0, 3, 3])
+
+
 def test_decode_blocks_are_bounded_by_the_byte_budget():
     assert kernel.decode_block_rows(16, 49152) == (16, 16)
     small, large = kernel.decode_block_rows(10_000, 49152)

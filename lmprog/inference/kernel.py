@@ -114,6 +114,20 @@ def _classes(keys) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     return cls, rep, first, out[0]
 
 
+def _in_place(anc: jax.Array) -> jax.Array:
+    """The same children as ancestors ``anc [n]`` (a multiset), placed so that each selected ancestor's first
+    child sits at the ancestor's own index; the extra children fill, in order, the indices of ancestors left
+    without a child. Particles within a group are exchangeable, so the order changes no estimate; it keeps
+    most particles in their own cache row (only the extra children then need a copy: :meth:`Kernels._compact`).
+    Index 0 stays its own child when it was (conditional SMC's reference)."""
+    n = anc.shape[0]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    children = jnp.zeros((n,), jnp.int32).at[anc].add(1)
+    extras = jnp.repeat(idx, jnp.maximum(children - 1, 0), total_repeat_length=n)
+    free = jnp.nonzero(children == 0, size=n, fill_value=n)[0]
+    return jnp.where(children > 0, idx, 0).at[free].set(extras, mode="drop")
+
+
 def run_if(pred, fn, carry):
     """``fn(carry)`` where ``pred`` holds, else ``carry``: a loop of at most one turn. XLA updates a loop's
     carry in place, where the branches of a conditional get copies of large operands such as the KV cache."""
@@ -547,11 +561,30 @@ class Kernels:
     # ------------------------------------------------------------------------------------------------
 
     def _compact(self, state: RunState) -> RunState:
-        """Every particle in its own row, row ``i`` for particle ``i`` (a gather of the cache unless the rows
-        are already so): for kernels that run every particle through the LM in place."""
+        """Every particle in its own row, row ``i`` for particle ``i``: for kernels that run every particle
+        through the LM in place. When the rows of the particles out of place are used by nobody else (after an
+        in-place resampling: the extra children of an ancestor sit where unselected particles were), only those
+        rows are copied, in blocks of :data:`SMALL_BLOCK_ROWS`; otherwise the cache is gathered whole."""
         p = state.particles
-        ident = jnp.arange(p.row.shape[0], dtype=jnp.int32)
-        cache = run_if(jnp.any(p.row != ident), lambda c: self.lm.reorder(c, p.row), state.cache)
+        num = p.row.shape[0]
+        ident = jnp.arange(num, dtype=jnp.int32)
+        away = p.row != ident
+        used = jnp.zeros((num,), bool).at[p.row].set(True)
+        by_rows = ~jnp.any(away & used)  # no particle's target row is another particle's source
+        n_away = jnp.sum(away.astype(jnp.int32))
+        order = jnp.nonzero(away, size=num, fill_value=num)[0].astype(jnp.int32)  # particles to move, in order
+        size = min(num, SMALL_BLOCK_ROWS)
+
+        def copy(c):
+            b0, cache = c
+            ids = b0 + jnp.arange(size, dtype=jnp.int32)
+            dst = order[jnp.minimum(ids, num - 1)]
+            src = p.row[jnp.minimum(dst, num - 1)]
+            return b0 + size, self.lm.copy_rows(cache, src, jnp.where(ids < n_away, dst, num))
+
+        cache = run_if(by_rows, lambda c: lax.while_loop(lambda k: k[0] < n_away, copy, (jnp.int32(0), c))[1],
+                       state.cache)
+        cache = run_if(~by_rows, lambda c: self.lm.reorder(c, p.row), cache)
         return state._replace(cache=cache, particles=p._replace(row=ident))
 
     def _unshare(self, state: RunState, keys) -> tuple[RunState, Particles]:
@@ -766,6 +799,7 @@ class Kernels:
             anc = jax.vmap(resampler, in_axes=(0, 0, None))(keys, w, n)
             if cfg.conditional:
                 anc = anc.at[:, 0].set(0)
+            anc = jax.vmap(_in_place)(anc)
             anc = jnp.where(do[:, None], anc, jnp.arange(n, dtype=jnp.int32)[None, :])
             anc = (anc + (jnp.arange(g, dtype=jnp.int32) * n)[:, None]).reshape(num)
             q = jax.tree.map(lambda x: jnp.take(x, anc, axis=0), parts)
