@@ -3,7 +3,7 @@
 * the model level: ``apply(..., rows=...)`` on a block of a larger cache gives the logits of running those rows
   alone and writes only their rows (padding rows write nothing); ``copy_rows`` copies whole rows;
   tiny Llama models and the toy LM (exactly);
-* the kernel level: the classes (``renumber``) and the inverse-CDF search equal their dense definitions;
+* the kernel level: the classes (``_classes``) and the inverse-CDF search equal their dense definitions;
 * the engine level: runs with distinct decoding give the particles of the per-particle step (``DISTINCT``
   off): exactly on the toy LM (same tokens, weights, log Z) for SMC resampling at every step, importance
   sampling, greedy decoding, MCMC and batch rows, also with decode blocks forced small so a step runs several
@@ -24,7 +24,7 @@ from lmprog.backends.base import Prefix
 from lmprog.backends.tiny import tiny_model
 from lmprog.backends.toy import ToyLM
 from lmprog.inference import kernel
-from lmprog.inference.kernel import _upper_bound, renumber
+from lmprog.inference.kernel import _classes, _upper_bound
 
 # --------------------------------------------------------------------------------------------------
 # The model: rows of a block
@@ -83,10 +83,10 @@ def test_copy_rows_copies_whole_rows_and_keeps_the_others(tiny, which):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_renumber_gives_equal_numbers_exactly_to_equal_tuples():
+def test_classes_give_equal_numbers_exactly_to_equal_tuples():
     rng = np.random.default_rng(0)
     keys = [rng.integers(0, 3, size=200) for _ in range(3)]
-    got = np.asarray(renumber(*keys))
+    got = np.asarray(_classes(tuple(jnp.asarray(k, jnp.int32) for k in keys))[0])
     tuples = list(zip(*keys))
     for i in range(0, 200, 7):
         for j in range(200):

@@ -134,11 +134,6 @@ def run_if(pred, fn, carry):
     return lax.while_loop(lambda c: c[0], lambda c: (jnp.bool_(False), fn(c[1])), (jnp.asarray(pred), carry))[1]
 
 
-def renumber(*keys) -> jax.Array:
-    """``[P]`` class numbers of the rows of ``keys``: equal tuples, equal numbers (see :func:`_classes`)."""
-    return _classes(tuple(jnp.asarray(k, jnp.int32) for k in keys))[0]
-
-
 def _upper_bound(cdf: jax.Array, row: jax.Array, q: jax.Array) -> jax.Array:
     """For each ``i``: the number of entries of ``cdf[row[i]]`` (a non-decreasing row) that are ``<= q[i]``, by
     binary search: ``[P]`` gathers per halving, never a ``[P, V]`` array."""
