@@ -40,19 +40,24 @@ def dumps(obj, indent: Optional[int] = None) -> str:
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
 
+def _from_numpy(v):
+    """NumPy scalars and arrays as plain Python numbers and lists; anything else as it is."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return v
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
 def json_value(v):
     """A returned value as JSON can hold it: non-finite floats as the strings ``"NaN"``, ``"Infinity"``,
     ``"-Infinity"``; NumPy scalars and arrays as plain numbers and lists; tuples as lists; dict keys as
     strings; anything else JSON has no type for as its ``str()``."""
-    try:
-        import numpy as np
-
-        if isinstance(v, np.generic):
-            v = v.item()
-        elif isinstance(v, np.ndarray):
-            v = v.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    v = _from_numpy(v)
     if v is None or isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, float):
@@ -228,15 +233,7 @@ def _num(x):
 
 def _plain(v):
     """Statistics and strategy tables for JSON: plain Python values, non-finite numbers as None."""
-    try:
-        import numpy as np
-
-        if isinstance(v, np.generic):
-            v = v.item()
-        elif isinstance(v, np.ndarray):
-            v = v.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    v = _from_numpy(v)
     if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
