@@ -107,27 +107,37 @@ def _check_run_options(program, args) -> None:
                                                    "host_timeout")})
 
 
-def _check_out_path(path: str, protected: list[str]) -> None:
+def _check_out_path(path: str, protected: list[str], option: str = "--out") -> None:
     """Refuse an output path that cannot be written, before any work: a folder, a missing folder, no write
-    permission, or the same file as one of ``protected`` (the program, the input rows)."""
+    permission, or the same file as one of ``protected`` (the program, the input rows). ``option`` names the
+    option in the message (``--out``, ``--report``)."""
     import os
     from pathlib import Path
 
     p = Path(path)
     if p.is_dir():
-        raise _UsageError(f"--out {path}: is a folder; give the name of a file to write")
+        raise _UsageError(f"{option} {path}: is a folder; give the name of a file to write")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise _UsageError(f"--out {path}: the folder {parent} does not exist")
+        raise _UsageError(f"{option} {path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise _UsageError(f"--out {path}: not writable (permission denied)")
+        raise _UsageError(f"{option} {path}: not writable (permission denied)")
     for other in protected:
         try:
             same = p.exists() and os.path.samefile(p, other)
         except OSError:
             same = False
         if same:
-            raise _UsageError(f"--out {path}: is the same file as {other}; writing it would destroy it")
+            raise _UsageError(f"{option} {path}: is the same file as {other}; writing it would destroy it")
+
+
+def _check_report_path(path: str, protected: list[str], out) -> None:
+    """``--report``: as ``--out`` (:func:`_check_out_path`), and never the ``--out`` file itself."""
+    import os
+
+    if out and os.path.abspath(out) == os.path.abspath(path):
+        raise _UsageError(f"--report {path}: is the same file as --out; give the report its own file")
+    _check_out_path(path, protected + ([out] if out else []), option="--report")
 
 
 def _progress_runner(console, enabled: bool):
@@ -183,11 +193,14 @@ def _print_result(console, result, path: str) -> None:
     console.print(table)
     if len(result.posterior) > 20:
         console.print(f"[dim]... {len(result.posterior) - 20} more values (use --json for all)[/dim]")
+    _print_conversation(console, result.conversation)
     ess = result.ess
     ess_text = f"{min(ess):.1f} min, {ess[-1]:.1f} final" if ess else "n/a"
     if st.get("waves"):  # memory waves: the ESS history is the first wave's
         ess_text += f" (first of {st['waves']} memory waves)"
     logz = f"{result.log_evidence:.3f}" if result.log_evidence is not None else "n/a"
+    if result.log_evidence is not None and result.log_evidence_se is not None:
+        logz += f" ± {result.log_evidence_se:.3f}"
     console.print(
         f"log Z = {logz}   ESS = {ess_text}   particles = {st.get('particles')} ({st.get('dead', 0)} dead)   "
         f"tokens = {st.get('tokens')}   forward passes = {st.get('forward_passes')}   "
@@ -209,6 +222,20 @@ def _print_result(console, result, path: str) -> None:
                       f"{'n/a' if acc is None else f'{acc:.2f}'}")
 
 
+def _print_conversation(console, messages) -> None:
+    """A chat program's conversation (its most probable sample), one turn per row."""
+    if not messages:
+        return
+    from rich.table import Table
+
+    table = Table(title="conversation (most probable sample)", title_justify="left", show_header=False)
+    table.add_column("role", style="bold")
+    table.add_column("content", overflow="fold")
+    for m in messages:
+        table.add_row(m["role"], m["content"])
+    console.print(table)
+
+
 def _cell(v) -> str:
     import json
 
@@ -227,6 +254,8 @@ def _cmd_run(args) -> int:
     sets = _parse_sets(args.set)
     if args.out:
         _check_out_path(args.out, [args.file])
+    if args.report:
+        _check_report_path(args.report, [args.file], args.out)
     _check_run_options(program, args)
     from lmprog.runner import get_model, run_program
 
@@ -247,6 +276,24 @@ def _cmd_run(args) -> int:
         except OSError as exc:
             print(f"lmprog: error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
             return 1
+    if args.report:
+        from lmprog import report
+
+        result.program = program
+        return _write_report(console, args.report, report.render(result, program=program))
+    return 0
+
+
+def _write_report(console, path: str, text: str) -> int:
+    """Write an HTML report and say where and how large it is (exit status 1 when it cannot be written)."""
+    from lmprog import report
+
+    try:
+        size = report.write(path, text)
+    except OSError as exc:
+        print(f"lmprog: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    console.print(f"report: {path} ({report.size_text(size)}, self-contained HTML)", highlight=False)
     return 0
 
 
@@ -275,6 +322,8 @@ def _cmd_batch(args) -> int:
         raise _UsageError("--resume needs --out: the output file whose rows are already done")
     if args.out:
         _check_out_path(args.out, [args.inputs, args.file])
+    if args.report:
+        _check_report_path(args.report, [args.inputs, args.file], args.out)
     _check_run_options(program, args)
     rows, bad, blank = _parse_rows(lines, args.inputs)
     if blank:
@@ -291,6 +340,12 @@ def _cmd_batch(args) -> int:
 
     kinds = dict(done)  # row -> "ok" / "input" / "run", every row written so far
     written = 0
+    reported: list = []  # --report: (row, inputs, Result or message, section HTML) of this invocation's rows
+    per_row = None
+    if args.report:
+        from lmprog import report
+
+        per_row = max(5, min(report.MAX_ROWS, report.BATCH_ROW_BUDGET // max(len(rows) + len(bad), 1)))
     todo = [r for r in rows if r[0] not in done]
     try:
         with (open(args.out, "a" if args.resume else "w", encoding="utf-8") if args.out
@@ -308,6 +363,8 @@ def _cmd_batch(args) -> int:
             for n, line_no, message in bad:
                 if n not in done:
                     write({"row": n, "line": line_no, "error": message, "error_kind": "input"}, "input")
+                    if args.report:
+                        reported.append((n, None, message))
             with _progress_runner(console, True) as progress:
                 outcomes = iter_batch(program, [row for _, _, row in todo], lm=lm, progress=progress,
                                       **_engine_options(args))
@@ -317,8 +374,17 @@ def _cmd_batch(args) -> int:
                         code, message = _failure(outcome)
                         kind = "input" if code == 2 else "run"
                         write({"row": n, "line": line_no, "error": message, "error_kind": kind}, kind)
+                        if args.report:
+                            reported.append((n, row, message))
                     else:
                         write({"row": n, "line": line_no, "inputs": row, **outcome.to_dict()}, "ok")
+                        if args.report:  # the row's section now: the Result (and its arrays) can go
+                            from lmprog import report
+
+                            html_text = report.section(outcome, program=program, prefix=f"row{n}",
+                                                       max_rows=per_row) \
+                                if len(reported) < report.MAX_BATCH_SECTIONS else ""
+                            reported.append((n, row, _ReportRow(outcome), html_text))
     except KeyboardInterrupt:
         where = f" to {args.out}" if args.out else ""
         console.print(f"interrupted: {written} row{'s' if written != 1 else ''} written{where} "
@@ -327,11 +393,30 @@ def _cmd_batch(args) -> int:
         return 130
     if args.out:
         _sort_records(args.out)
+    report_status = 0
+    if args.report:
+        from lmprog import report
+
+        note = (f"{len(done)} rows done by an earlier invocation (--resume) are in {args.out} but not in this report."
+                if done else "")
+        report_status = _write_report(console, args.report, report.render_batch(
+            reported, program=program, max_rows=per_row, note=note,
+            title=f"lmprog batch report — {args.file} ({args.inputs})"))
     failed = {k for k in kinds.values() if k != "ok"}
     n_failed = sum(1 for k in kinds.values() if k != "ok")
     console.print(f"{len(kinds) - n_failed}/{total} rows ok" + (f" -> {args.out}" if args.out else ""),
                   highlight=False)
-    return 1 if "run" in failed else 2 if failed else 0
+    return 1 if "run" in failed else 2 if failed else report_status
+
+
+class _ReportRow:
+    """What a batch report's summary needs of a row's Result (the Result itself, with its arrays, is dropped)."""
+
+    def __init__(self, result):
+        self.posterior = result.posterior[:1]
+        self.samples = ()
+        self.stats = {k: result.stats.get(k) for k in ("particles", "dead")}
+        self.log_evidence = result.log_evidence
 
 
 def _parse_rows(lines: list[str], name: str) -> tuple[list, list, list]:
@@ -498,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default=None, metavar="F", help="also write the JSON result to F")
+    p.add_argument("--report", default=None, metavar="OUT.html",
+                   help="also write an HTML report (self-contained: posterior, particles, genealogy, ESS, ...)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("batch", help="run a program once per JSON line of inputs; one JSON line per row")
@@ -507,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file (default: stdout); each row is written as soon as it is done")
     p.add_argument("--resume", action="store_true",
                    help="skip the rows already in --out (an interrupted batch) and append the others")
+    p.add_argument("--report", default=None, metavar="OUT.html",
+                   help="also write an HTML report: a summary of every row and a section per row")
     _add_run_options(p)
     p.set_defaults(func=_cmd_batch)
 

@@ -72,6 +72,7 @@ class Program:
         self.model: Optional[str] = checked.model
         self.strategy: Optional[StrategySpec] = checked.strategy
         self.returns: tuple[tuple[str, A.Expr], ...] = checked.returns
+        self.base_dir: Optional[Path] = checked.base_dir  # relative grammar / json paths (the lowering reads them)
 
     @property
     def required_inputs(self) -> list[str]:
@@ -114,9 +115,11 @@ class Program:
             raise OptionError(f"inputs must be a dict of input names to values, not {type(inputs).__name__}")
         given = dict(inputs or {})
         given.update(kwargs)
-        return run_program(self, given, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
-                           temperature=temperature, model=model, lm=lm, progress=progress, memory_limit=memory_limit,
-                           host_timeout=host_timeout)
+        result = run_program(self, given, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
+                             temperature=temperature, model=model, lm=lm, progress=progress,
+                             memory_limit=memory_limit, host_timeout=host_timeout)
+        result.program = self  # the HTML report shows the source (Result.report)
+        return result
 
     def run_batch(self, rows, /, *, particles: Optional[int] = None, seed: Optional[int] = None,
                   strategy=None, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
@@ -138,6 +141,9 @@ class Program:
         out = run_batch(self, rows, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
                         temperature=temperature, model=model, lm=lm, memory_limit=memory_limit,
                         host_timeout=host_timeout)
+        for r in out:
+            if not isinstance(r, BaseException):
+                r.program = self
         if errors == "raise":
             for r in out:
                 if isinstance(r, BaseException):

@@ -19,7 +19,6 @@ float inside the returned values is written as the string ``"NaN"``, ``"Infinity
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from dataclasses import dataclass, field
@@ -72,17 +71,23 @@ def json_value(v):
 @dataclass
 class Sample:
     """One finished particle: ``values`` (returned), ``text`` (the whole text, prompt included),
-    ``log_weight`` (absolute), ``weight`` (normalized), ``holes`` (every hole's value, by engine name)."""
+    ``log_weight`` (absolute), ``weight`` (normalized), ``holes`` (every hole's value, by engine name),
+    ``messages`` (a chat program's conversation, ``[{"role", "content"}]`` with the holes filled in; None for a
+    program without chat turns)."""
 
     values: dict
     text: str
     log_weight: float
     weight: float
     holes: dict = field(default_factory=dict)
+    messages: Optional[list] = None
 
     def to_dict(self) -> dict:
-        return {"values": json_value(self.values), "text": self.text, "log_weight": _num(self.log_weight),
-                "weight": _num(self.weight)}
+        out = {"values": json_value(self.values), "text": self.text, "log_weight": _num(self.log_weight),
+               "weight": _num(self.weight)}
+        if self.messages is not None:
+            out["messages"] = json_value(self.messages)
+        return out
 
 
 @dataclass
@@ -93,11 +98,14 @@ class Result:
         strategy: the strategy's name; ``properly_weighted``: whether the weights target the posterior.
         samples: finished particles (:class:`Sample`), in particle order.
         posterior: ``[(value dict, probability)]`` sorted by probability (descending), summing to 1.
-        log_evidence: ``log Z`` estimate (``None`` unless properly weighted).
+        log_evidence: ``log Z`` estimate (``None`` unless properly weighted); ``log_evidence_se`` its standard
+            error from the run's genealogy (lmprog.inference.evidence; ``None`` when unknown).
         ess: ESS at every decode step (before resampling).
         stats: ``tokens``, ``forward_passes``, ``wall_s``, ``compile_s``, ``particles``, ``dead``, ...
         inputs: the input values of the run. extra: strategy-specific tables (``vote``, ``winner``).
         raw: the engine's :class:`~lmprog.inference.InferenceResult` (arrays, every particle).
+        program: the :class:`~lmprog.program.Program` that ran (set by ``Program.run`` and the CLI; the HTML
+            report shows its source), or None. Not part of the JSON.
     """
 
     strategy: str
@@ -110,20 +118,25 @@ class Result:
     inputs: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     raw: Any = field(default=None, repr=False)
+    program: Any = field(default=None, repr=False, compare=False)
+    log_evidence_se: Optional[float] = None  # standard error of log_evidence (None: unknown or not weighted)
 
     @classmethod
-    def from_inference(cls, raw, returns: Callable[[Any], dict], inputs: dict, **stats) -> "Result":
+    def from_inference(cls, raw, returns: Callable[[Any], dict], inputs: dict, *,
+                       conversation: Optional[Callable[[Any], list]] = None, **stats) -> "Result":
         """The one path from the engine's particles (a one-group
         :class:`~lmprog.inference.samples.InferenceResult`) to a Result: each finished particle's returned
         values (``returns(decoded particle)``), the posterior tallied over them, the ESS history, the counters
         (``stats`` adds or overrides them: ``wall_s``, ``lower_s``, ``model``, ...) and, for MCMC, the
-        convergence diagnostics of the returned values."""
+        convergence diagnostics of the returned values. ``conversation``: a chat program's messages of a
+        particle (``Lowered.conversation``)."""
         samples, dead = [], 0
         for s in raw.samples:
             if not s.alive:
                 dead += 1
                 continue
-            samples.append(Sample(returns(s), s.text, s.log_weight, s.weight, dict(s.values)))
+            samples.append(Sample(returns(s), s.text, s.log_weight, s.weight, dict(s.values),
+                                  conversation(s) if conversation is not None else None))
         posterior = tally(((x.values, x.weight) for x in samples), ident=_canonical,
                          tie=lambda v: json.dumps(json_value(v), ensure_ascii=False))
         ess = [float(x) for x in raw.ess[:, 0] if math.isfinite(float(x))] if raw.ess.size else []
@@ -135,7 +148,8 @@ class Result:
         if "chains" in raw.extra:
             extra["mcmc"] = diagnostics(raw, key=lambda s: _diagnostic_key(returns(s)))
         return cls(raw.strategy, bool(raw.properly_weighted), samples, posterior,
-                   raw.log_evidence if raw.properly_weighted else None, ess, out_stats, dict(inputs), extra, raw)
+                   raw.log_evidence if raw.properly_weighted else None, ess, out_stats, dict(inputs), extra, raw,
+                   log_evidence_se=getattr(raw, "log_evidence_se", None) if raw.properly_weighted else None)
 
     # ---- convenience ------------------------------------------------------------------------------------
 
@@ -151,6 +165,13 @@ class Result:
         if m is not None and len(m) == 1:
             return next(iter(m.values()))
         return m
+
+    @property
+    def conversation(self) -> Optional[list]:
+        """A chat program's conversation (``[{"role", "content"}]``) in its most probable sample (the finished
+        particle of greatest weight); None without chat turns or finished particles."""
+        best = max(self.samples, key=lambda s: s.weight, default=None)
+        return best.messages if best is not None else None
 
     def probability(self, **value) -> float:
         """Posterior probability of the returned values ``value`` (e.g. ``r.probability(answer="Paris")``)."""
@@ -169,6 +190,7 @@ class Result:
             "samples": [s.to_dict() for s in self.samples],
             "posterior": [{"value": json_value(v), "probability": _num(p)} for v, p in self.posterior],
             "log_evidence": _num(self.log_evidence) if self.properly_weighted else None,
+            "log_evidence_se": _num(self.log_evidence_se) if self.properly_weighted else None,
             "ess": [_num(x) for x in self.ess],
             "stats": {k: _plain(v) for k, v in self.stats.items()},
         }
@@ -193,18 +215,25 @@ class Result:
             lines.append("  (no particle finished)")
         return "\n".join(lines)
 
+    def report(self, path=None, *, program=None, max_rows: Optional[int] = None) -> str:
+        """The HTML report of this run (:mod:`lmprog.report`): one self-contained page (posterior, particles with
+        their holes marked, genealogy, ESS, dead particles, log Z, MCMC traces, the program's source). With
+        ``path``: written there, and the path is returned; without: the HTML is returned. ``program``: whose
+        source to show (default ``self.program``); ``max_rows``: merged particle histories listed (default
+        ``report.MAX_ROWS``)."""
+        from lmprog import report
+
+        text = report.render(self, program=program, max_rows=max_rows or report.MAX_ROWS)
+        if path is None:
+            return text
+        report.write(path, text)
+        return str(path)
+
     def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td style='text-align:right'>{p:.3f}</td><td><code>{html.escape(_short(v, 200))}</code></td></tr>"
-            for v, p in self.posterior[:20]
-        )
-        head = (f"<b>{html.escape(self.strategy)}</b> "
-                f"({'properly weighted' if self.properly_weighted else 'not properly weighted'}); "
-                f"log Z = {_fmt(self.log_evidence)}; particles = {self.stats.get('particles')}; "
-                f"tokens = {self.stats.get('tokens')}; wall {_fmt(self.stats.get('wall_s'))} s "
-                f"(compile {_fmt(self.stats.get('compile_s'))} s)")
-        return (f"<div>{head}<table><thead><tr><th>probability</th><th>value</th></tr></thead>"
-                f"<tbody>{rows}</tbody></table></div>")
+        """Notebooks: summary, log Z, posterior bars, ESS and the top particle histories (no script)."""
+        from lmprog import report
+
+        return report.fragment(self)
 
 
 def _canonical(values) -> str:

@@ -400,7 +400,8 @@ def _lower_row(program, lm, row, *, seed, strategy, particles, max_tokens, tempe
 
 
 def _result(raw, low, values, lm, **stats) -> Result:
-    return Result.from_inference(raw, low.returns, values, constraint_compile_s=low.compile_s,
+    return Result.from_inference(raw, low.returns, values, conversation=low.conversation,
+                                 constraint_compile_s=low.compile_s,
                                  model=getattr(lm, "name", None) or None, **stats)
 
 

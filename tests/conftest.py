@@ -56,4 +56,7 @@ def _release_compiled_code():
         with open("/proc/self/maps") as f, open(log, "a") as out:
             out.write(f"{sum(1 for _ in f)}\n")
     jax.clear_caches()
+    from lmprog.inference import aot
+
+    aot.clear()  # the executables kept for kernels loaded from lmprog's own disk cache
 

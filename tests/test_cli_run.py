@@ -30,7 +30,8 @@ def prog(tmp_path, monkeypatch):
 def test_run_json_prints_the_documented_object(prog, capsys):
     assert cli.main(["run", str(prog), "--set", "n=4", "--json", "--seed", "1"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert set(d) == {"strategy", "properly_weighted", "samples", "posterior", "log_evidence", "ess", "stats"}
+    assert set(d) == {"strategy", "properly_weighted", "samples", "posterior", "log_evidence", "log_evidence_se", "ess",
+                      "stats"}
     assert d["strategy"] == "smc" and d["properly_weighted"] is True
     assert abs(sum(p["probability"] for p in d["posterior"]) - 1) < 1e-6
     assert all(p["value"]["n"] == 4 for p in d["posterior"])

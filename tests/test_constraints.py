@@ -277,8 +277,9 @@ def test_fixed_length_hole(tok):
     ([Or((Count("len", "<", 2), Regex("a")))], None, "one kind"),
     ([Or(tuple(Count("len", "==", 2 * i) for i in range(9)))], None, "separate ranges"),
     ([Count("tokens", "==", 0)], None, "nothing to generate"),
-    ([K.Grammar("g.lark")], None, "not supported yet"),
-    ([K.JsonSchema("s.json")], None, "not supported yet"),
+    ([K.Grammar("g.lark", 'start: x\nx: "(" x ")" | "a"\n'), Regex("a+")], None, "cannot be combined"),
+    ([K.Grammar("g.lark", 'start: x\nx: "(" x ")" | "a"\n'), Count("len", "<=", 3)], None, "only a token budget"),
+    ([K.JsonSchema("s.json", "{")], None, "not valid JSON"),
 ])
 def test_compile_errors(tok, cs, follow, match):
     with pytest.raises(ConstraintError, match=match):

@@ -148,6 +148,8 @@ def statements():
         st.tuples(texts, names).map(lambda t: A.ImportStmt(*t)),
         st.tuples(template_parts(True), WHERE).map(lambda t: A.Template(*t)),
         st.tuples(names, WHERE).map(lambda t: A.Gen(*t)),
+        st.tuples(template_parts(True), WHERE, st.sampled_from(A.TURN_ROLES)).map(
+            lambda t: A.Turn(t[0], t[1], role=t[2])),
         template_parts(True).map(A.Observe),
         st.tuples(names, st.sampled_from(sorted(DISTRIBUTIONS)), args, kwargs).map(lambda t: A.SampleStmt(*t)),
         st.tuples(names, EXPR).map(lambda t: A.Let(*t)),
@@ -236,8 +238,20 @@ def valid_programs(draw):
 
     def statement(depth, indent):
         pad = "    " * indent
-        kind = draw(st.integers(0, 7 if depth < 2 else 4))
-        if kind <= 1:
+        kind = draw(st.integers(0, 8 if depth < 2 else 4))
+        if kind == 8 and indent == 0:  # chat turns (not inside an if): holes only in assistant turns
+            role = draw(st.sampled_from(["system", "user", "assistant"]))
+            interp = f"{{{draw(st.sampled_from(strings))}}} " if strings and draw(st.booleans()) else ""
+            if role == "assistant":
+                hole = fresh("h")
+                cs = f" where {constraint_for(hole)}" if draw(st.booleans()) else ""
+                lines.append(f'{pad}assistant "{interp}[{hole}]"{cs}')
+                strings.append(hole)
+            else:
+                lines.append(f'{pad}{role} "{interp}{draw(st.sampled_from(WORDS))}?"')
+        elif kind == 8:
+            lines.append(f'{pad}observe "{draw(st.sampled_from(WORDS))}."')
+        elif kind <= 1:
             holes = [fresh("h") for _ in range(draw(st.integers(1, 2)))]
             interp = f"{{{draw(st.sampled_from(strings))}}} " if strings and draw(st.booleans()) else ""
             text = interp + " and ".join(f"[{h}]" for h in holes) + "\\n"

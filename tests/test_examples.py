@@ -20,10 +20,21 @@ def tiny():
     return tiny_model(seed=1)
 
 
+@functools.lru_cache(maxsize=1)
+def tiny_chat():
+    """A tiny random model whose tokenizer has a ChatML chat template (the chat examples need one)."""
+    from lmprog.backends.chat_template import CHATML
+    from lmprog.backends.tiny import tiny_model
+    from lmprog.backends.tokenizer import byte_tokenizer
+
+    return tiny_model(seed=1, tokenizer=byte_tokenizer(specials=("<|im_end|>", "<|im_start|>"),
+                                                       chat_template=CHATML))
+
+
 def test_examples_exist():
     names = {p.stem for p in EXAMPLES}
     assert {"capital", "sentiment", "iso_date", "lipogram", "shopping_list", "bayes_topic", "vote", "beam",
-            "best_of"} <= names
+            "best_of", "chat_capital", "chat_sentiment", "chat_followup"} <= names
     readme = (EXAMPLES[0].parent / "README.md").read_text()
     for name in names:
         assert f"{name}.lmp" in readme, f"{name}.lmp is not documented in examples/README.md"
@@ -40,6 +51,9 @@ def test_example_runs_on_a_tiny_model(path):
         except InferenceError as exc:
             assert "h.is_prime(n)" in str(exc) and "prime.lmp:5:" in str(exc)
             return
+    elif path.stem.startswith("chat_"):
+        result = program.run(lm=tiny_chat(), particles=8, max_tokens=24, seed=0)
+        assert [m["role"] for m in result.conversation][-1] == "assistant"
     else:
         result = program.run(lm=tiny(), particles=8, max_tokens=24, seed=0)
     assert result.posterior, result

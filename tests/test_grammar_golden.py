@@ -48,7 +48,7 @@ def test_cases_cover_every_statement_constraint_and_strategy():
                 strategies.add(node.strategy)
             if isinstance(node, A.SampleStmt):
                 dists.add(node.dist)
-    wanted = {A.ModelStmt, A.InferStmt, A.InputStmt, A.ImportStmt, A.Template, A.Gen, A.Observe, A.SampleStmt,
+    wanted = {A.ModelStmt, A.InferStmt, A.InputStmt, A.ImportStmt, A.Template, A.Turn, A.Gen, A.Observe, A.SampleStmt,
               A.Let, A.Condition, A.Factor, A.If, A.For, A.Return, *A.CONSTRAINT_ATOMS, A.Not, A.And, A.Or,
               A.FString, A.Interp, A.Hole, A.Text, A.Slice, A.Index, A.Attribute, A.IfExp, A.Compare, A.BoolOp,
               A.DictExpr, A.ListExpr}

@@ -13,6 +13,7 @@ import lmprog
 from lmprog.compiler import lower as lower_mod
 from lmprog.compiler.automaton import stack_holes
 from lmprog.compiler.constraints import compile_hole
+from lmprog.compiler.host_hole import stack_compiled
 from lmprog.compiler.lower import lower
 from lmprog.inference import Hole
 from lmprog.inference.exact import enumerate_program
@@ -40,12 +41,12 @@ def _lowered(src, lm, share=True, **inputs):
     prog = lmprog.compile(src, "t.lmp")
     if share:
         return lower(prog, lm.tokenizer, inputs, default_max_tokens=8)
-    orig = lower_mod.stack_holes
-    lower_mod.stack_holes = functools.partial(stack_holes, share=False)
+    orig = lower_mod.stack_compiled
+    lower_mod.stack_compiled = functools.partial(stack_compiled, share=False)
     try:
         return lower(prog, lm.tokenizer, inputs, default_max_tokens=8)
     finally:
-        lower_mod.stack_holes = orig
+        lower_mod.stack_compiled = orig
 
 
 def _starts(low):
@@ -104,7 +105,7 @@ def test_shared_table_gives_the_same_run(monkeypatch):
     lm = toy_lm()
     prog = lmprog.compile(MIXED, "t.lmp")
     r0 = prog.run(lm=lm, seed=5, strategy="importance", particles=64)
-    monkeypatch.setattr(lower_mod, "stack_holes", functools.partial(stack_holes, share=False))
+    monkeypatch.setattr(lower_mod, "stack_compiled", functools.partial(stack_compiled, share=False))
     r1 = prog.run(lm=lm, seed=5, strategy="importance", particles=64)
     assert [s.text for s in r0.samples] == [s.text for s in r1.samples]
     assert [s.values for s in r0.samples] == [s.values for s in r1.samples]

@@ -289,6 +289,8 @@ class LlamaModel:
         self.eos_ids = tokenizer.eos_ids
         self.max_context = config.max_context
         self._jit_apply = jax.jit(partial(forward, config), donate_argnums=(1,))
+        # What kernels built on this model close over when traced (lmprog.inference.aot): the architecture only.
+        self.aot_key = f"llama:{config!r}"
 
     def __repr__(self) -> str:
         c = self.config

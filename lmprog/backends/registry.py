@@ -85,20 +85,25 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL):
     """Load a model for inference (see :class:`lmprog.backends.llama.LlamaModel`)."""
     from lmprog.backends.jax_setup import enable_compilation_cache
     from lmprog.backends.loaders import load_gguf, load_hf_folder
+    from lmprog.backends.model_cache import cached
 
     enable_compilation_cache()
     path = resolve_model(name_or_path)
     name = str(name_or_path)
-    return load_hf_folder(path, name) if path.is_dir() else load_gguf(path, name)
+    return cached(path, name, lambda: load_hf_folder(path, name) if path.is_dir() else load_gguf(path, name))
 
 
 @lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer:
     """Only the tokenizer of a model (no weights are read)."""
     from lmprog.backends.gguf_file import GGUFFile
+    from lmprog.backends.model_cache import cached_tokenizer
     from lmprog.backends.tokenizer import tokenizer_from_gguf_fields, tokenizer_from_hf_folder
 
     path = resolve_model(name_or_path)
+    hit = cached_tokenizer(path)
+    if hit is not None:
+        return hit
     if path.is_dir():
         return tokenizer_from_hf_folder(path)
     return tokenizer_from_gguf_fields(GGUFFile(path).metadata)

@@ -89,6 +89,10 @@ class Tokenizer:
         special_ids: control tokens (BOS, EOS, chat markers, ...): never part of generated text.
         bos_id / eos_ids: beginning / end of sequence tokens.
         add_bos: whether ``encode`` prepends BOS (as the model's metadata asks).
+        chat_template: the model's Jinja chat template (``tokenizer.chat_template`` of a GGUF file, the
+            ``chat_template`` of a Hugging Face folder), or None; rendered by
+            :mod:`lmprog.backends.chat_template`.
+        chat_tokens: the special tokens a chat template sees by name (``bos_token``, ``eos_token``, ...).
     """
 
     hf: HFTokenizer
@@ -97,6 +101,8 @@ class Tokenizer:
     bos_id: int | None
     eos_ids: tuple[int, ...]
     add_bos: bool = False
+    chat_template: str | None = field(default=None, repr=False)
+    chat_tokens: dict = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -241,7 +247,15 @@ def tokenizer_from_gguf_fields(fields: dict) -> Tokenizer:
         for i in range(n)
     )
     eos_ids = tuple(dict.fromkeys(i for i in (eos, eot) if i is not None))
-    return Tokenizer(hf, table, frozenset(special), bos, eos_ids, add_bos and bos is not None)
+    chat_tokens = {}
+    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(i, int) and 0 <= i < n:
+            chat_tokens[name] = tokens[i]
+    template = fields.get("tokenizer.chat_template")
+    return Tokenizer(hf, table, frozenset(special), bos, eos_ids, add_bos and bos is not None,
+                     chat_template=template if isinstance(template, str) and template else None,
+                     chat_tokens=chat_tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,8 +302,28 @@ def tokenizer_from_hf_folder(folder: str | Path) -> Tokenizer:
     special |= {i for i in [bos, *eos_ids] if i is not None}
     table = tuple(tokens[i].encode("utf-8") if i in added else to_bytes(tokens[i]) for i in range(n))
     add_bos = bool(config.get("add_bos_token", False))
+    chat_tokens = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            chat_tokens[name] = value
     # Encoding with add_special_tokens=False leaves BOS to us, whatever the post-processor says.
-    return Tokenizer(hf, table, frozenset(special), bos, tuple(eos_ids), add_bos and bos is not None)
+    return Tokenizer(hf, table, frozenset(special), bos, tuple(eos_ids), add_bos and bos is not None,
+                     chat_template=_hf_chat_template(folder, config), chat_tokens=chat_tokens)
+
+
+def _hf_chat_template(folder: Path, config: dict) -> str | None:
+    """A Hugging Face folder's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` (a string, or a list of named templates: the one named ``default``)."""
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8") or None
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def _read_json(path: Path) -> dict:
@@ -304,9 +338,12 @@ def _read_json(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def byte_tokenizer(merges: list[tuple[str, str]] = (), specials: tuple[str, ...] = ("<|endoftext|>",)) -> Tokenizer:
+def byte_tokenizer(merges: list[tuple[str, str]] = (), specials: tuple[str, ...] = ("<|endoftext|>",),
+                   chat_template: str | None = None) -> Tokenizer:
     """A real byte-level BPE: the 256 byte tokens, then the given merges (in GPT-2 alias alphabet),
-    then special tokens; the first special is EOS. Exact and tiny: for tests and random tiny models."""
+    then special tokens; the first special is EOS. Exact and tiny: for tests and random tiny models.
+    ``chat_template``: a Jinja chat template (e.g. :data:`lmprog.backends.chat_template.CHATML`, with
+    ``specials=("<|im_end|>", "<|im_start|>")``)."""
     alias = bytes_to_unicode()
     tokens = [alias[b] for b in range(256)]
     for left, right in merges:
@@ -320,4 +357,6 @@ def byte_tokenizer(merges: list[tuple[str, str]] = (), specials: tuple[str, ...]
         "tokenizer.ggml.eos_token_id": len(tokens) if specials else None,
         "tokenizer.ggml.add_bos_token": False,
     }
+    if chat_template:
+        fields["tokenizer.chat_template"] = chat_template
     return tokenizer_from_gguf_fields(fields)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from typing import Hashable, NamedTuple, Protocol, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from lmprog.automata.counters import INF, CounterArrays
 from lmprog.automata.table import DISALLOWED, TokenTable
+from lmprog.backends.jax_setup import to_device
 from lmprog.compiler.counters import HoleCounters, word_tracker
 
 #: Device bytes per state in a TokenTable besides its transition row: auto_of, row_base, final, pending,
@@ -213,22 +213,22 @@ def _table(automata: Sequence[Automaton], hole_counters: Sequence[HoleCounters |
     class_base = np.concatenate([[0], np.cumsum(num_classes)[:-1]]).astype(np.int32)
     rep = np.concatenate(reps)
     ca = CounterArrays(
-        jnp.asarray(inc_chars), jnp.asarray(inc_words), jnp.asarray(inc_chars[rep]),
-        jnp.asarray(np.ascontiguousarray(inc_words[:, rep].T)), jnp.asarray(pend), jnp.asarray(tracker), jnp.asarray(lo),
-        jnp.asarray(hi), jnp.asarray(rmin), jnp.asarray(rmax), jnp.asarray(tab_off), jnp.asarray(tab_cap),
-        jnp.asarray(np.concatenate(cums)), jnp.asarray(mt_off), jnp.asarray(mt_cap), jnp.asarray(fixed),
-        jnp.asarray(active),
+        to_device(inc_chars), to_device(inc_words), to_device(inc_chars[rep]),
+        to_device(np.ascontiguousarray(inc_words[:, rep].T)), to_device(pend), to_device(tracker), to_device(lo),
+        to_device(hi), to_device(rmin), to_device(rmax), to_device(tab_off), to_device(tab_cap),
+        to_device(np.concatenate(cums)), to_device(mt_off), to_device(mt_cap), to_device(fixed),
+        to_device(active),
     )
     table = TokenTable(
-        jnp.asarray(np.stack(classes)),
-        jnp.asarray(np.concatenate(auto_of)),
-        jnp.asarray(np.concatenate(row_base).astype(np.int32)),
-        jnp.asarray(np.concatenate(trans)),
-        jnp.asarray(np.concatenate(finals)),
-        jnp.asarray(np.concatenate(pending).astype(np.int32)),
-        jnp.asarray(class_base),
-        jnp.asarray(num_classes),
-        jnp.arange(int(num_classes.max()), dtype=jnp.int32),
+        to_device(np.stack(classes)),
+        to_device(np.concatenate(auto_of)),
+        to_device(np.concatenate(row_base).astype(np.int32)),
+        to_device(np.concatenate(trans)),
+        to_device(np.concatenate(finals)),
+        to_device(np.concatenate(pending).astype(np.int32)),
+        to_device(class_base),
+        to_device(num_classes),
+        to_device(np.arange(int(num_classes.max()), dtype=np.int32)),
         ca,
     )
     return table, offsets

@@ -2,8 +2,9 @@
 
 For each statement with a ``where`` clause, :func:`check_where`
 
-1. reports terms that are no constraint (``InvalidConstraint``) and ``grammar()`` / ``json()`` (not supported
-   yet), and checks their files exist;
+1. reports terms that are no constraint (``InvalidConstraint``), and checks ``grammar()`` / ``json()``: their
+   files exist and compile on the regular path (:mod:`lmprog.compiler.structured`; errors in a grammar file are
+   located in it);
 2. checks every constraint names a hole *of its own statement* (``[answer]`` in the template, or the ``gen``
    name);
 3. checks arguments: regexes, stop strings, choice lists and bounds are strings / lists of strings / integers known
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Optional
 
 from lmprog.compiler.check_env import KIND_WORD, UNKNOWN, CheckContext, Env, regex_span, show_value
@@ -33,7 +35,7 @@ from lmprog.dsl.catalog import BUILTINS, CONSTRAINT_HELP, CONSTRAINT_WORDS, IS_F
 from lmprog.dsl.constraints import conjuncts, join
 from lmprog.dsl.errors import suggestion
 from lmprog.dsl.printer import constraint_to_source
-from lmprog.dsl.source import Span
+from lmprog.dsl.source import Span, normalize_source
 
 REGEX_LIKE = (A.Matches, A.InChoices, A.IsInt, A.IsFloat, A.Contains, A.StartsWith, A.EndsWith)
 OR_HELP = ("'or' and 'not' work on regex-like constraints (matches, in, is_int, is_float, contains, startswith,\n"
@@ -191,17 +193,13 @@ def _check_atom(ck: CheckContext, c: A.Constraint, holes: dict[str, Span], befor
         name = {A.Contains: "contains", A.StartsWith: "startswith", A.EndsWith: "endswith"}[type(c)]
         ok &= _static_arg(ck, c.text, after, "str", f"the string of {name}()")
     elif isinstance(c, A.GrammarC):
-        ck.error(c.span, "grammar() constraints are not supported yet",
-                 "a later version compiles Lark grammars; for now use matches with a regex")
-        if _static_arg(ck, c.path, after, "str", "the grammar file"):
-            _check_file(ck, c.path, after, "grammar file", None)
-        ok = False
+        ok &= _static_arg(ck, c.path, after, "str", "the grammar file") and _check_structured(ck, c, c.path, after)
     elif isinstance(c, A.JsonC):
-        ck.error(c.span, "json() constraints are not supported yet",
-                 "a later version compiles JSON schemas; for now use matches with a regex")
-        if c.schema is not None and _static_arg(ck, c.schema, after, "str", "the JSON schema file"):
-            _check_file(ck, c.schema, after, "JSON schema file", json.loads)
-        ok = False
+        if c.schema is not None:
+            ok &= _static_arg(ck, c.schema, after, "str", "the JSON schema file") and \
+                _check_structured(ck, c, c.schema, after)
+        else:
+            ok &= _check_structured(ck, c, None, after)
     elif isinstance(c, A.PyPredicate):
         ok &= _check_predicate(ck, c, before, after)
     return bool(ok)
@@ -286,25 +284,82 @@ def _kind_word(kind: str) -> str:
     return KIND_WORD.get(kind, kind)
 
 
-def _check_file(ck: CheckContext, e: A.Expr, env: Env, what: str, parse) -> None:
+def _check_structured(ck: CheckContext, c, path_expr: Optional[A.Expr], env: Env) -> bool:
+    """``grammar(X, "f.lark")`` / ``json(X[, schema="f.json"])``: the file exists, parses, uses only what the
+    regular path supports (:mod:`lmprog.compiler.structured`), and its automaton is within the bounds. Errors in a
+    grammar file are located in it; schema errors at the call, with the JSON pointer."""
+    from lmprog.compiler.bytedfa import regex_dfa
+    from lmprog.compiler.structured import (NeedsHostMatcher, StructureError, grammar_line, grammar_regex,
+                                            grammar_span, load_schema, resolve_path, schema_error_text, schema_regex)
+    from lmprog.compiler.regex_compile import RegexError
+
+    is_grammar = isinstance(c, A.GrammarC)
+    what = "grammar file" if is_grammar else "JSON schema file"
+    text = path = None
+    if path_expr is not None:
+        if not _check_file(ck, path_expr, env, what, None):
+            return False
+        path = ck.fold(path_expr, env, report=False)
+        if not isinstance(path, str):
+            return True
+        try:
+            text = normalize_source(ck.resolve(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            ck.error(path_expr.span, f"cannot read the {what} '{path}': {exc}")
+            return False
+    try:
+        if is_grammar:
+            shown = resolve_path(os.path.dirname(ck.source.name), path)
+            try:
+                pattern = grammar_regex(text, shown)
+            except NeedsHostMatcher:  # context-free: the host path (llguidance checks it when the hole compiles)
+                return True
+            except StructureError as e:
+                span = grammar_span(shown, text, e.where)
+                ck.error(span, f"grammar '{path}': {e.message}", e.help, source_line=grammar_line(text, span.line))
+                return False
+        else:
+            try:
+                doc = load_schema(text) if path is not None else True
+            except ValueError as exc:
+                ck.error(path_expr.span, f"{what} '{path}' is not valid JSON: {str(exc)[:120]}")
+                return False
+            try:
+                pattern = schema_regex(doc)
+            except NeedsHostMatcher:  # context-free: the host path
+                return True
+            except StructureError as e:
+                ck.error(c.span, schema_error_text(path or "", e), e.help)
+                return False
+        regex_dfa(pattern)
+    except RegexError as e:
+        ck.error(c.span, f"{'grammar' if is_grammar else 'json'}() constraint cannot be compiled: {e}")
+        return False
+    return True
+
+
+def _check_file(ck: CheckContext, e: A.Expr, env: Env, what: str, parse) -> bool:
+    """Whether the file ``e`` names exists (and ``parse`` accepts it); reports it otherwise."""
     path = ck.fold(e, env, report=False)
     if not isinstance(path, str):
-        return
+        return True
     resolved = ck.resolve(path)
     try:
         is_file = resolved.is_file()
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
         reason = exc.strerror.lower() if isinstance(exc, OSError) and exc.strerror else str(exc)
         ck.error(e.span, f"cannot use '{path[:57] + '...' if len(path) > 60 else path}' as a file name: {reason}")
-        return
+        return False
     if not is_file:
         ck.error(e.span, f"{what} not found: '{path}'", f"paths are relative to the program's folder ({ck.base_dir})")
-        return
+        return False
     if parse is not None:
         try:
             parse(resolved.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             ck.error(e.span, f"{what} '{path}' is not valid: {str(exc)[:120]}")
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ emptiness

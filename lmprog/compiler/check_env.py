@@ -60,7 +60,8 @@ class CheckContext(Protocol):
     source: SourceFile
     base_dir: Path
 
-    def error(self, span: Span, message: str, help: Optional[str] = None) -> None: ...
+    def error(self, span: Span, message: str, help: Optional[str] = None,
+              source_line: Optional[str] = None) -> None: ...
 
     def expr(self, e: A.Expr, env: Env) -> str: ...
 

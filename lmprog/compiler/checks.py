@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Optional
 from lmprog.catalog import CATALOG
 from lmprog.compiler.check_args import StrategySpec, check_infer, check_sample
 from lmprog.compiler.check_constraints import check_where
+from lmprog.dsl.constraints import conjuncts
 from lmprog.compiler.check_env import KIND_WORD, UNKNOWN, Binding, Ctx, Env, regex_span
 from lmprog.compiler.check_regex import regex_problem
 from lmprog.dsl import ast as A
@@ -106,6 +107,7 @@ class CheckedProgram:
     model: Optional[str]
     strategy: Optional[StrategySpec]
     returns: tuple[tuple[str, A.Expr], ...]
+    base_dir: Optional[Path] = None  # where relative grammar / json / import paths were looked up
 
 
 # ----------------------------------------------------------------------------------------------------- checker
@@ -132,8 +134,8 @@ class Checker:
 
     # -------------------------------------------------------------------------------------------- reporting
 
-    def error(self, span: Span, message: str, help: Optional[str] = None) -> None:
-        line = self.source.line_text(span.line) if span.file == self.source.name else None
+    def error(self, span: Span, message: str, help: Optional[str] = None, source_line: Optional[str] = None) -> None:
+        line = self.source.line_text(span.line) if span.file == self.source.name else source_line
         self.diagnostics.append(Diagnostic(span, message, help, line))
 
     # -------------------------------------------------------------------------------------------------- run
@@ -150,7 +152,7 @@ class Checker:
         for h in self.holes:
             first.setdefault(h.name, h)
         return CheckedProgram(self.module, dict(self.inputs), first, tuple(self.holes), dict(self.imports),
-                              self.model, strategy, returns)
+                              self.model, strategy, returns, self.base_dir)
 
     # ---------------------------------------------------------------------------------------------- structure
 
@@ -249,6 +251,20 @@ class Checker:
         env, holes = self.parts(s.parts, env, ctx, allow_holes=True)
         self.constraints(s, s.where, holes, before, env, ctx)
         return env
+
+    def s_Turn(self, s: A.Turn, env: Env, ctx: Ctx) -> Env:
+        """A chat turn: a template whose holes are only allowed in assistant turns; not inside an ``if`` (the
+        chat template renders a turn from the roles of the turns before it, the same for every particle)."""
+        if s.role != "assistant":
+            for hole in s.holes:
+                self.error(hole.span, f"a {s.role} turn cannot contain a hole ('[{hole.name}]')",
+                           "the model generates only its own turns: put holes in an assistant turn, "
+                           "or write '[[' for a literal '['")
+        if ctx.branch:
+            self.error(s.role_span, f"a chat turn ({s.role}) cannot be inside an if branch",
+                       "the conversation's turns are the same for every run: put the turn before or after "
+                       "the if, and choose its text with a let or an interpolation")
+        return self.s_Template(s, env, ctx)  # (holes of other turns are bound too: no follow-on errors)
 
     def s_Gen(self, s: A.Gen, env: Env, ctx: Ctx) -> Env:
         before = _Before(env, frozenset([s.name]) if s.name not in env else frozenset())
@@ -376,6 +392,9 @@ class Checker:
 
     def constraints(self, stmt, where, holes: dict[str, Span], before: Env, after: Env, ctx: Ctx) -> None:
         per_hole = check_where(self, where, holes, before, after)
+        for name, c in per_hole.items():  # a json hole's value is the parsed JSON value, not its text
+            if any(isinstance(t, A.JsonC) for t in conjuncts(c)) and name in after:
+                after[name] = replace(after[name], type="any")
         for name, span in holes.items():
             self.holes.append(HoleSpec(name, per_hole.get(name), ctx.loops, ctx.branch, stmt, span=span))
 

@@ -17,6 +17,9 @@ IR                                     meaning (``v`` is the hole's value, a ``s
 ``Count(kind, op, n)``                 ``tokens(X)`` / ``len(X)`` / ``words(X)`` ``op n`` with ``op`` in
                                        ``<= < == >= >``
 ``StopAt(s, keep=True)``               ``stop_at`` (``keep=True``) / ``stop_before`` (``keep=False``)
+``JsonSchema(schema, text)``           ``v`` is JSON whose value validates against the schema (regular
+                                       subset: :mod:`lmprog.compiler.structured`)
+``Grammar(path, text, file)``          ``v`` is a sentence of the (non-recursive) Lark grammar
 =====================================  ===================================================================
 
 The compiler to token automata is :mod:`lmprog.compiler.constraints`.
@@ -206,9 +209,13 @@ class StopAt(Constraint):
 
 @dataclass(frozen=True)
 class Grammar(Constraint):
-    """``grammar(X, "file.lark")``: not supported yet (a later issue); compiling it raises ConstraintError."""
+    """``grammar(X, "file.lark")``: ``v`` is a sentence of the Lark grammar's ``start`` rule (a regular one:
+    :func:`lmprog.compiler.structured.grammar_regex`). ``text`` is the file's contents (the lowering reads it;
+    part of equality, so compiled holes follow edits of the file), ``file`` its path as diagnostics show it."""
 
     path: str
+    text: str = ""
+    file: str = ""
     loc: Any = _loc()
 
     def describe(self) -> str:
@@ -217,16 +224,19 @@ class Grammar(Constraint):
 
 @dataclass(frozen=True)
 class JsonSchema(Constraint):
-    """``json(X, schema=...)``: not supported yet (a later issue); compiling it raises ConstraintError."""
+    """``json(X)`` (``schema == ""``: any JSON value, depth-bounded) / ``json(X, schema="file.json")``: ``v`` is a
+    JSON text whose value validates (:func:`lmprog.compiler.structured.schema_regex`). ``text``: the schema
+    file's contents (read by the lowering; part of equality)."""
 
     schema: str
+    text: str = ""
     loc: Any = _loc()
 
     def describe(self) -> str:
-        return f"json(X, schema={self.schema!r})"
+        return f"json(X, schema={self.schema!r})" if self.schema else "json(X)"
 
 
-LANGUAGE_KINDS = (Regex, Choices, Contains, StartsWith, EndsWith, IsInt, IsFloat)
+LANGUAGE_KINDS = (Regex, Choices, Contains, StartsWith, EndsWith, IsInt, IsFloat, Grammar, JsonSchema)
 
 
 def is_language(c: Constraint) -> bool:

@@ -50,9 +50,19 @@ from lmprog.compiler.constraint_ir import (
     StopAt,
     is_language,
 )
-from lmprog.compiler.vocab_index import VocabInfo, compress_columns, token_transitions, vocab_info
+from lmprog.compiler.structured import constraint_regex, is_context_free
+from lmprog.compiler.vocab_index import (
+    VocabInfo,
+    classes_from_columns,
+    compress_columns,
+    token_columns,
+    vocab_info,
+    with_end_tokens,
+)
 
 COMPILER_VERSION = "5"  # 5: CompiledHole.reach (cached with the hole)
+#: Compile every ``json()`` / ``grammar()`` hole for the host matcher, regular or not (benchmarks, tests).
+FORCE_HOST_PATH = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,6 +110,8 @@ def _language_dfa(c: Constraint) -> ByteDFA:
         return _regex(INT_PATTERN, c.loc)
     if isinstance(c, IsFloat):
         return _regex(FLOAT_PATTERN, c.loc)
+    if isinstance(c, (JsonSchema, Grammar)):
+        return _regex(constraint_regex(c), c.loc)
     if isinstance(c, Not):
         return language_dfa(c.c).complement()
     if isinstance(c, (And, Or)):
@@ -125,11 +137,19 @@ class Terminator:
       hole, or a ``stop_at``/``stop_before`` string); ``keep`` says whether ``text`` is part of the value.
     * ``"eos"``: at an end-of-sequence token.
     * ``"fixed"``: after exactly ``tokens(X) == N`` tokens (no terminator).
+
+    ``ids``: for ``"eos"``, the tokens that end the hole when not the tokenizer's EOS tokens (a chat turn's
+    end-of-turn token, :mod:`lmprog.compiler.chat`); empty: the EOS tokens.
     """
 
     kind: str
     text: str = ""
     keep: bool = False
+    ids: tuple = ()
+
+    def __repr__(self) -> str:  # (part of cache keys: unchanged for terminators without ids)
+        extra = f", ids={self.ids!r}" if self.ids else ""
+        return f"Terminator(kind={self.kind!r}, text={self.text!r}, keep={self.keep!r}{extra})"
 
 
 def _push_not(c: Constraint) -> Constraint:
@@ -226,7 +246,7 @@ class HolePlan:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def plan_hole(constraints, following_text: str | None = None, loc=None) -> HolePlan:
+def plan_hole(constraints, following_text: str | None = None, loc=None, end_tokens: tuple = ()) -> HolePlan:
     """Sort a hole's constraints and choose its terminator (see module docs and docs/constraints.md).
 
     Terminator: an explicit ``stop_at``/``stop_before``; else, with ``tokens(X) == N``, none (a fixed-length
@@ -241,8 +261,6 @@ def plan_hole(constraints, following_text: str | None = None, loc=None) -> HoleP
             counts.append(c)
         elif is_language(c):
             language.append(c)
-        elif isinstance(c, (Grammar, JsonSchema)):
-            raise ConstraintError(f"{c.describe()} constraints are not supported yet", c.loc or loc)
         elif isinstance(c, (Or, And, Not)):
             raise ConstraintError(
                 f"`{c.describe()}`: `or`/`not` need every part to be of one kind — constraints on the text "
@@ -276,7 +294,7 @@ def plan_hole(constraints, following_text: str | None = None, loc=None) -> HoleP
     elif following_text:
         term = Terminator("text", following_text, False)
     else:
-        term = Terminator("eos")
+        term = Terminator("eos", ids=tuple(int(i) for i in end_tokens))
     return HolePlan(tuple(language), bounds, term, tuple(counts))
 
 
@@ -364,57 +382,72 @@ def build_hole_dfa(content: ByteDFA, term: Terminator, track_chars: bool, track_
             trk_after[s0, j + 1], trk_words[s0, j + 1] = s, w
     chars = np.array([C.char_count(t[:k]) for k in range(m + 1)], np.int64)
 
-    def label(c: int, k: int) -> tuple[int, int, int, int]:
-        tr = int(trk[c])
+    # Labels (pending terminator bytes, pending characters, pending word starts, tracker state) of (c, k).
+    def labels_of(c: np.ndarray, k: np.ndarray) -> np.ndarray:
+        tr = trk[c]
         if term.keep:
-            return (k, 0, 0, int(trk_after[tr, k]))
-        return (k, int(chars[k]), int(trk_words[tr, k]), int(trk_after[tr, k]))
+            zero = np.zeros_like(k)
+            return np.stack([k, zero, zero, trk_after[tr, k]], axis=1)
+        return np.stack([k, chars[k], trk_words[tr, k], trk_after[tr, k]], axis=1)
 
-    ids: dict[tuple, int] = {}
-    keys: list[tuple] = []
-    rows: list[np.ndarray] = []
-    labs: list[tuple] = []
-    finals: list[bool] = []
-
-    def state_id(key: tuple, lab: tuple, is_final: bool) -> int:
-        j = ids.get(key)
-        if j is None:
-            if len(keys) >= MAX_HOLE_STATES:  # (content state, pending terminator bytes) pairs, counted as made
+    # Breadth-first over the reachable (c, k) pairs, a level at a time, each pair coded c * (m + 1) + k. The
+    # final states are keyed by their labels (the content state no longer matters once the hole has ended);
+    # they are numbered after the (c, k) states. The states' numbering does not matter: minimisation
+    # renumbers canonically.
+    width = m + 1
+    fin_all = labels_of(np.arange(n), np.full(n, m, np.int64))
+    fin_uniq, fin_key = np.unique(fin_all, axis=0, return_inverse=True)
+    fin_key = fin_key.reshape(-1)
+    end_state = pref[:, m] if term.keep else np.arange(n)
+    end_ok = (end_state >= 0) & cdfa.accept[np.maximum(end_state, 0)]
+    known = np.zeros(1, np.int64)  # codes met so far (sorted) and their state ids
+    known_id = np.zeros(1, np.int64)
+    frontier = np.zeros(1, np.int64)
+    codes, rows = [frontier], []
+    count = 1
+    fin_used = np.zeros(fin_uniq.shape[0], bool)
+    while frontier.size:
+        c, k = frontier // width, frontier % width
+        k2 = kmp[k].astype(np.int64)  # [f, 256]
+        nxt_c = np.where(k2 >= 1, pref[c[:, None], np.clip(k[:, None] + 1 - k2, 0, m)], -1)
+        base = pref[c, k]
+        nxt_c = np.where((k2 == 0) & (base >= 0)[:, None], delta[np.maximum(base, 0)], nxt_c)
+        done = k2 == m
+        row = np.full(k2.shape, -1, np.int64)
+        fin = done & end_ok[c][:, None]
+        fk = np.broadcast_to(fin_key[c][:, None], k2.shape)[fin]
+        row[fin] = -2 - fk  # (patched to final state ids below)
+        fin_used[fk] = True
+        live = ~done & (nxt_c >= 0)
+        target = (nxt_c * width + k2)[live]
+        uniq, first = np.unique(target, return_index=True)
+        pos = np.minimum(np.searchsorted(known, uniq), known.size - 1)
+        new = uniq[known[pos] != uniq]
+        if new.size:
+            order = np.argsort(first[known[pos] != uniq], kind="stable")  # in order of first appearance
+            new = new[order]
+            if count + new.size + int(fin_used.sum()) > MAX_HOLE_STATES:  # (c, k) pairs and finals, as made
                 raise RegexLimitError("hole", limit_reason("hole"))
-            j = ids[key] = len(keys)
-            keys.append(key)
-            labs.append(lab)
-            finals.append(is_final)
-        return j
-
-    state_id(("s", 0, 0), label(0, 0), False)
-    i = 0
-    while i < len(keys):
-        key = keys[i]
-        row = np.full(256, -1, np.int64)
-        if key[0] == "s":
-            _, c, k = key
-            k2 = kmp[k].astype(np.int64)
-            nxt_c = np.where(k2 >= 1, pref[c, np.clip(k + 1 - k2, 0, m)], -1)
-            base = pref[c, k]
-            if base >= 0:
-                zero = k2 == 0
-                nxt_c[zero] = delta[base][zero]
-            done = k2 == m
-            for b in np.flatnonzero(done):
-                end = pref[c, m] if term.keep else c
-                if end >= 0 and cdfa.accept[end]:
-                    lab = label(c, m)
-                    row[b] = state_id(("f",) + lab, lab, True)
-            live = ~done & (nxt_c >= 0)
-            for b in np.flatnonzero(live):
-                c2, kk = int(nxt_c[b]), int(k2[b])
-                row[b] = state_id(("s", c2, kk), label(c2, kk), False)
+            ids = np.arange(count, count + new.size, dtype=np.int64)
+            count += new.size
+            merged = np.concatenate([known, new])
+            perm = np.argsort(merged, kind="stable")
+            known, known_id = merged[perm], np.concatenate([known_id, ids])[perm]
+            codes.append(new)
+        row[live] = known_id[np.searchsorted(known, target)]
         rows.append(row)
-        i += 1
-    dfa = ByteDFA(np.stack(rows).astype(np.int32), np.array(finals, bool))
-    final = np.array(finals, bool)
-    return _minimize_hole(dfa, final, np.zeros_like(final), np.array(labs, np.int64), track_chars, track_words)
+        frontier = new if new.size else np.zeros(0, np.int64)
+    if count + int(fin_used.sum()) > MAX_HOLE_STATES:
+        raise RegexLimitError("hole", limit_reason("hole"))
+    fin_ids = np.full(fin_uniq.shape[0], -1, np.int64)
+    fin_ids[fin_used] = count + np.arange(int(fin_used.sum()))
+    table = np.concatenate(rows + [np.full((int(fin_used.sum()), 256), -1, np.int64)])
+    table = np.where(table <= -2, fin_ids[np.maximum(-2 - table, 0)], table)
+    state_codes = np.concatenate(codes)
+    labs = np.concatenate([labels_of(state_codes // width, state_codes % width), fin_uniq[fin_used]]).astype(np.int64)
+    final = np.concatenate([np.zeros(count, bool), np.ones(int(fin_used.sum()), bool)])
+    dfa = ByteDFA(table.astype(np.int32), final)
+    return _minimize_hole(dfa, final, np.zeros_like(final), labs, track_chars, track_words)
 
 
 def _minimize_hole(dfa: ByteDFA, final, eos_ok, labels, track_chars: bool, track_words: bool) -> HoleDFA:
@@ -472,6 +505,7 @@ class CompiledHole:
     compile_s: float = 0.0
     from_cache: bool = False
     reach: int | None = None
+    path: str = "device"
 
     @property
     def num_states(self) -> int:
@@ -561,7 +595,9 @@ def _term_text(term: Terminator) -> str:
     if term.kind == "text":
         what = "stop_at" if term.keep else "terminator"
         return f"{what} {term.text!r}"
-    return "end of sequence" if term.kind == "eos" else "fixed length"
+    if term.kind == "eos":
+        return "end of the turn" if term.ids else "end of sequence"
+    return "fixed length"
 
 
 def hole_reach(automaton: Automaton, bounds: C.Bounds, term: Terminator) -> int | None:
@@ -600,19 +636,16 @@ def _compile_bounded(plan: HolePlan, info: VocabInfo, name: str, loc):
             f"no value of {name} satisfying {_describe_plan(plan, name)} can be followed by the {_term_text(term)}"
             f" (the hole ends at its first occurrence)", loc)
 
-    table = token_transitions(hole.dfa.delta, info)
+    # The token table's distinct columns, never the dense [S, V] table (vocab_index.token_columns).
+    col_of, columns = token_columns(hole.dfa.delta, info)
     final = hole.final.copy()
     labels = hole.labels
-    if term.kind == "eos":
-        s = table.shape[0]
-        table = np.vstack([table, np.full((1, info.size), -1, np.int32)])
-        rows = np.flatnonzero(hole.eos_ok)
-        for e in info.eos_ids:
-            table[rows, e] = s
+    if term.kind == "eos":  # a final state after EOS, reached from the states where the value may end
+        col_of, columns = with_end_tokens(col_of, columns, np.flatnonzero(hole.eos_ok), term.ids or info.eos_ids)
         final = np.concatenate([final, [True]])
         labels = np.vstack([labels, np.zeros((1, 4), np.int64)])
-    token_class, class_table = compress_columns(table)
-    del table
+    token_class, class_table = classes_from_columns(col_of, columns)
+    del columns
     # Token-level trim: keep states reachable from the start (0) that can still end the hole.
     keep = useful_states(class_table, 0, final)
     if not keep[0]:
@@ -712,7 +745,9 @@ def compile_hole(
     name: str = "X",
     loc: Any = None,
     cache: bool = True,
-) -> CompiledHole:
+    end_tokens: tuple = (),
+    path: str | None = None,
+):
     """Compile one hole's constraints for ``tokenizer``.
 
     Args:
@@ -722,12 +757,29 @@ def compile_hole(
             fixed length is given); ``None``/``""``: the hole ends at EOS.
         name: the hole's name, for messages. loc: its source location, for errors.
         cache: use the in-memory and on-disk caches (:func:`cache_dir`).
+        end_tokens: with neither following text nor a stop or fixed length, the tokens that end the hole
+            instead of EOS (a chat turn's end-of-turn token).
+        path: ``"device"`` (a token automaton), ``"host"`` (the host matcher: a
+            :class:`~lmprog.compiler.host_hole.HostHole`, for ``json()``/``grammar()`` holes) or ``None``: the host
+            path exactly when the language is context-free (a recursive ``$ref`` or rule), else the device
+            (:data:`FORCE_HOST_PATH` forces the host path for every ``json()``/``grammar()`` hole).
+
+    Returns a :class:`CompiledHole` (device) or a :class:`~lmprog.compiler.host_hole.HostHole` (host).
 
     Raises:
         ConstraintError: unsatisfiable (no value, no tokenization, bounds that cannot be met) or unsupported.
     """
     t0 = time.perf_counter()
-    plan = plan_hole(constraints, following_text, loc)
+    plan = plan_hole(constraints, following_text, loc, end_tokens)
+    structured = [c for c in plan.language if isinstance(c, (JsonSchema, Grammar))]
+    if path is None:
+        path = "host" if structured and (FORCE_HOST_PATH or any(is_context_free(c) for c in structured)) else "device"
+    if path == "host":
+        from lmprog.compiler.host_hole import compile_host_hole
+
+        return compile_host_hole(plan, tokenizer, name=name, loc=loc)
+    if path != "device":
+        raise ValueError(f"unknown constraint path {path!r} (device or host)")
     info = vocab_info(tokenizer)
     key = plan.key(info.fingerprint)
     from_cache = False

@@ -69,10 +69,30 @@ def diagnostic(program, span, message: str, help: Optional[str] = None) -> Diagn
     """A diagnostic at ``span`` of ``program``, with the source line it points into."""
     line = None
     if span is not None and span.line > 0:
-        lines = program.source.split("\n")
+        lines = program.source.split("\n") if span.file == program.filename else _other_file(program, span.file)
         if span.line <= len(lines):
             line = lines[span.line - 1]
     return Diagnostic(span, message, help, line)
+
+
+def _other_file(program, name: str) -> list[str]:
+    """The lines of another file a diagnostic points into (a grammar file), read relative to the program's
+    folder; none when it cannot be read."""
+    import os
+
+    from lmprog.dsl.source import normalize_source
+
+    base = getattr(program, "base_dir", None)
+    folder = os.path.dirname(program.filename)
+    candidates = [name] if os.path.isabs(name) else [os.path.join(str(base), os.path.relpath(name, folder or "."))
+                                                     if base is not None else name, name]
+    for path in candidates:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return normalize_source(f.read()).split("\n")
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+    return []
 
 
 def lowering_error(program, span, message: str, help: Optional[str] = None) -> LoweringError:

@@ -9,6 +9,9 @@ The lowering walks the program's statements once, in order, for *all* particles 
   follows it (then that text is generated *by the hole*, so it is not forced again), a ``stop_at`` string,
   a fixed length, or EOS; a space ending the prompt before it moves into the hole
   (:mod:`lmprog.compiler.healing`);
+* a chat turn (``system``/``user``/``assistant``) is a template between the header and the tail that the
+  model's chat template gives it (:mod:`lmprog.compiler.chat`); a hole that ends an assistant turn is
+  terminated by the end-of-turn token, which it generates;
 * ``observe`` becomes an ``Observe`` segment; ``let`` / ``condition`` / ``factor`` / ``sample``
   (:mod:`lmprog.compiler.distributions`) and Python predicate constraints (:mod:`lmprog.compiler.predicates`)
   become ``Host`` segments: one batched Python call for all particles at a segment boundary (never per token);
@@ -35,6 +38,7 @@ from lmprog.automata.values import ValueRule
 from lmprog.compiler import constraint_ir as IR
 from lmprog.compiler.constraints import compile_hole
 from lmprog.compiler.automaton import stack_holes
+from lmprog.compiler.host_hole import stack_compiled
 from lmprog.compiler.distributions import bind_params, dist_params, draw
 from lmprog.compiler.errors import HostAbort, RunError, error_message, file_span, lowering_error
 from lmprog.compiler.healing import heal_space
@@ -68,6 +72,7 @@ class Lowered:
     evaluate: Callable[[A.Expr, Any], Any]  # (expr, engine Sample) -> value (final scope)
     compile_s: float = 0.0
     structure_key: Hashable = ()
+    conversation: Optional[Callable[[Any], list]] = None  # engine Sample -> [{"role", "content"}] (chat turns)
 
 
 def structure_key(segments, hole_keys) -> tuple:
@@ -163,6 +168,9 @@ class Lowering:
         self.max_hole_tokens = 0
         self.first_node = None  # the AST node that produced the first segment (for the no-BOS diagnostic)
         self._dropped: dict[str, bool] = {}  # character -> whether the tokenizer drops it (unencodable)
+        self.last_terminator = None  # the terminator of the hole lowered last
+        self.conversation = None  # the chat turns so far (lmprog.compiler.chat.Conversation), once there is one
+        self.turns: list = []  # (role, [("text", s) | ("expr", expr, fmt, scope) | ("hole", engine name)])
 
     # ---- helpers --------------------------------------------------------------------------------------
 
@@ -248,8 +256,8 @@ class Lowering:
         if not self.compiled:  # the engine needs a token table: a trivial one
             table, hole_keys = self._empty_table()
         else:
-            table, offsets = stack_holes(self.compiled)
-            self.segments = [self._fix_start(s, offsets) for s in self.segments]
+            table, starts = stack_compiled(self.compiled, self.tokenizer)
+            self.segments = [self._fix_start(s, starts) for s in self.segments]
             hole_keys = [_hole_key(c) for c in self.compiled]
         prog = SegmentProgram(self.segments, table)
         final_scope = dict(scope)
@@ -264,7 +272,36 @@ class Lowering:
             return {key: _jsonable(evaluate(expr, sample)) for key, expr in returns}
 
         return Lowered(prog, ret, dict(self.display), dict(self.inputs), evaluate, self.compile_s,
-                       structure_key(prog.segments, hole_keys))
+                       structure_key(prog.segments, hole_keys), self._conversation())
+
+    def _conversation(self):
+        """The function giving a sample's chat messages (role and content, holes and interpolations filled
+        in), or None for a program without turns."""
+        if not self.turns:
+            return None
+        turns, runtime = list(self.turns), self.runtime
+
+        def conversation(sample):
+            ctx = ParticleContext(sample.values, sample.data, getattr(sample, "hole_logprobs", None))
+            out = []
+            for role, pieces in turns:
+                text = []
+                for piece in pieces:
+                    if piece[0] == "text":
+                        text.append(piece[1])
+                    elif piece[0] == "hole":
+                        text.append(str(sample.values.get(piece[1], "")))
+                    else:
+                        _, expr, fmt, sc = piece
+                        try:
+                            v = runtime.evaluate(expr, sc, ctx)
+                            text.append(format(v, fmt) if fmt else to_text(v))
+                        except Exception:  # noqa: BLE001 - display only (the run rendered it already)
+                            text.append("?")
+                out.append({"role": role, "content": "".join(text)})
+            return out
+
+        return conversation
 
     def check_starts_with_text(self):
         """On a model without a BOS token the engine conditions on the program's leading static prompt text,
@@ -295,12 +332,12 @@ class Lowering:
         table, _ = stack_holes([hole])
         return table, [_hole_key(hole)]
 
-    def _fix_start(self, seg, offsets):
+    def _fix_start(self, seg, starts):
         from lmprog.inference import Hole
 
         if isinstance(seg, Hole) and isinstance(seg.start, _Start):
             st = seg.start
-            start = offsets[st.index] + int(self.compiled[st.index].automaton.start)
+            start = int(starts[st.index])
             if not st.guard:
                 return dataclasses.replace(seg, start=start)
             guard = st.guard
@@ -441,12 +478,67 @@ class Lowering:
                 skip = len(following) if consumed else 0
         return scope
 
+    def s_Turn(self, s: A.Turn, scope, guard, loop_index):
+        """A chat turn: the chat template's header, the content (a template), its tail (see
+        :mod:`lmprog.compiler.chat`). A hole that ends an assistant turn is terminated by the end-of-turn
+        token (or by the tail's text when that is not a special token), which it then generates."""
+        from lmprog.compiler.chat import ChatError, Conversation
+
+        if self.conversation is None:
+            self.conversation = Conversation(self.tokenizer)
+        try:
+            turn = self.conversation.turn(s.role)
+        except ChatError as exc:
+            raise self.error(s.role_span if s.role_span.line else s.span, exc.message, exc.help) from None
+        if turn.header:
+            self.check_encodable(turn.header, s.role_span)
+            self.add_text(turn.header, guard)
+        items = self.template_parts(s.parts, scope, guard, True)
+        tail, skip = turn.tail, 0
+        pieces: list = []
+        self.turns.append((s.role, pieces))
+        for k, item in enumerate(items):
+            if item[0] == "text":
+                pieces.append(item)
+                text = item[1]
+                if skip:
+                    cut = min(skip, len(text))
+                    text, skip = text[cut:], skip - cut
+                if text:
+                    self.add_text(text, guard)
+            elif item[0] == "dyn":
+                pieces.append(("expr", *item[1]))
+                skip = 0
+                self.add_text(item[1], guard)
+            else:
+                _, hole, following = item
+                ends_turn = k == len(items) - 1
+                end_token = turn.end_token if ends_turn and s.role == "assistant" else None
+                if ends_turn and end_token is None:
+                    following = tail  # the turn's literal end terminates the hole
+                scope, consumed = self.hole(hole.name, hole, s.where, following, scope, guard, loop_index,
+                                            end_token=end_token)
+                pieces.append(("hole", scope[hole.name].value))
+                skip = len(following) if consumed else 0
+                if ends_turn:
+                    ended = end_token is not None and self.last_terminator.kind == "eos"
+                    tail = tail[len(turn.end_text):] if ended else tail[skip:]
+        if tail:
+            self.add_text(tail, guard)
+        return scope
+
     def s_Gen(self, s: A.Gen, scope, guard, loop_index):
         scope, _ = self.hole(s.name, s, s.where, "", scope, guard, loop_index)
         return scope
 
-    def hole(self, name, node, where, following, scope, guard, loop_index):
+    def hole(self, name, node, where, following, scope, guard, loop_index, end_token=None):
+        """Lower one hole. ``end_token``: the hole ends an assistant turn and is terminated by that token (the
+        end-of-turn token, generated by the hole) instead of EOS or following text."""
         from lmprog.inference import Hole
+
+        end_tokens = () if end_token is None else (int(end_token),)
+        if end_tokens:
+            following = ""
 
         mine = [c for c in conjuncts(where) if _constraint_hole(c) == name]
         ir, preds = [], []
@@ -476,7 +568,7 @@ class Lowering:
         if healed is not None:
             try:
                 compiled = compile_hole(healed, self.tokenizer, following_text=following or None, name=name,
-                                           loc=node.span)
+                                        loc=node.span, end_tokens=end_tokens)
                 ir, rule = healed, ValueRule(head=1, stop=compiled.value_rule.stop)
                 pending.parts[-1] = pending.parts[-1][:-1]  # the space moves into the hole
             except IR.ConstraintError:  # e.g. a token bound the extra space no longer fits: keep the space
@@ -484,7 +576,7 @@ class Lowering:
         try:
             if compiled is None:
                 compiled = compile_hole(ir, self.tokenizer, following_text=following or None, name=name,
-                                           loc=node.span)
+                                        loc=node.span, end_tokens=end_tokens)
         except IR.ConstraintError as exc:
             msg = str(exc)
             prefix = f"{exc.loc}: " if exc.loc is not None else ""
@@ -497,7 +589,7 @@ class Lowering:
         self.compiled.append(compiled)
         self.hole_index[engine_name] = index
         self.display[engine_name] = engine_name.split("#")[0]
-        term = compiled.terminator
+        term = self.last_terminator = compiled.terminator
         consumed = bool(following) and term.kind == "text" and term.text == following and \
             not any(isinstance(c, IR.StopAt) for c in ir)
         budget = None
@@ -517,9 +609,10 @@ class Lowering:
         if not self.segments and self.first_node is None:
             self.first_node = node
         self.segments.append(Hole(engine_name, _Start(index, guard), budget, rule, label, check,
-                                  reach=compiled.reach))
+                                  reach=compiled.reach, path=getattr(compiled, "path", "device")))
         scope = dict(scope)
-        scope[name] = Ref("hole", engine_name)
+        # a json() hole's value is the parsed JSON value (its text is what the hole generated)
+        scope[name] = Ref("json" if any(isinstance(c, IR.JsonSchema) for c in ir) else "hole", engine_name)
         for c in preds:
             if not any(a.prefix for a in predicate_atoms(c)):  # on the complete value, after the hole
                 self.host(_truth_logw, None, scope, guard, predicate_label([c]),
@@ -551,10 +644,8 @@ class Lowering:
             return IR.StartsWith(st(c.text), loc=loc)
         if isinstance(c, A.EndsWith):
             return IR.EndsWith(st(c.text), loc=loc)
-        if isinstance(c, A.GrammarC):
-            return IR.Grammar(str(st(c.path)), loc=loc)
-        if isinstance(c, A.JsonC):
-            return IR.JsonSchema(str(st(c.schema)) if c.schema is not None else "", loc=loc)
+        if isinstance(c, (A.GrammarC, A.JsonC)):
+            return structured_ir(self.p, c, st, loc, self.error)
         if isinstance(c, A.PyPredicate) or (isinstance(c, (A.Not, A.And, A.Or)) and predicate_atoms(c)):
             raise self.error(c.span, "a Python predicate cannot be combined with other kinds of constraints "
                                      "under `or`/`not`",
@@ -823,3 +914,27 @@ def _jsonable(v):
     if v is None or isinstance(v, (str, int, float, bool)):
         return v
     return str(v)
+
+
+def structured_ir(program, c, st, loc, error):
+    """The IR of ``grammar(X, "f.lark")`` / ``json(X, schema="f.json")``: the file (relative to the program's
+    folder) is read here, so its text is part of the constraint (and of the compiled hole's cache key)."""
+    import os
+    from pathlib import Path
+
+    from lmprog.compiler.structured import resolve_path
+    from lmprog.dsl.source import normalize_source
+
+    path_expr = c.path if isinstance(c, A.GrammarC) else c.schema
+    if path_expr is None:
+        return IR.JsonSchema("", loc=loc)
+    path = str(st(path_expr))
+    base = getattr(program, "base_dir", None) or os.getcwd()
+    try:
+        text = normalize_source(Path(resolve_path(str(base), path)).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(path_expr.span, f"cannot read '{path}': {exc}") from None
+    if isinstance(c, A.JsonC):
+        return IR.JsonSchema(path, text, loc=loc)
+    shown = resolve_path(os.path.dirname(program.filename), path)
+    return IR.Grammar(path, text, shown, loc=loc)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
+import json
 import math
 import os
 import signal
@@ -49,7 +50,8 @@ __all__ = ["DEFAULT_HOST_TIMEOUT", "HostTimeout", "ParticleContext", "Ref", "Run
 
 @dataclass(frozen=True)
 class Ref:
-    """How a name's value is found for particle ``i``: ``kind`` static / hole / data / list / branch."""
+    """How a name's value is found for particle ``i``: ``kind`` static / hole / json (a json() hole: its text
+    parsed) / data / list / branch."""
 
     kind: str
     value: Any = None  # static value, hole name, data key, list of refs, (branch key, {index: ref}, default)
@@ -95,6 +97,9 @@ def resolve(ref: Ref, ctx: ParticleContext) -> Any:
         return ref.value
     if k == "hole":
         return ctx.values.get(ref.value)
+    if k == "json":  # a json() hole: its parsed value
+        text = ctx.values.get(ref.value)
+        return None if text is None else json.loads(text)
     if k == "data":
         return ctx.data.get(ref.value)
     if k == "list":
@@ -108,7 +113,7 @@ def resolve(ref: Ref, ctx: ParticleContext) -> Any:
 
 def hole_names(ref: Ref) -> list[str]:
     """The engine holes a reference may read (``logprob(X)`` sums their log-probabilities)."""
-    if ref.kind == "hole":
+    if ref.kind in ("hole", "json"):
         return [ref.value]
     if ref.kind == "list":
         return [n for r in ref.value for n in hole_names(r)]

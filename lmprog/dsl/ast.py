@@ -32,7 +32,8 @@ Constraints (:data:`Constraint`, the ``where`` clause, classified from its expre
 
 Statements (:data:`Stmt`)
     ``ModelStmt(name)``, ``InferStmt(strategy, args, kwargs)``, ``InputStmt(name, type, default)``,
-    ``ImportStmt(path, alias)``, ``Template(parts, where)``, ``Gen(name, where)``, ``Observe(parts)``,
+    ``ImportStmt(path, alias)``, ``Template(parts, where)``, ``Turn(parts, where, role)`` (a chat turn: a
+    ``Template`` subclass, so every walk that handles templates handles turns), ``Gen(name, where)``, ``Observe(parts)``,
     ``SampleStmt(name, dist, args, kwargs)``, ``Let(name, value)``, ``Condition(test)``, ``Factor(value)``,
     ``If(branches, orelse)`` (``branches`` are :class:`IfBranch` (test, body): the ``if`` and each ``elif``),
     ``For(var, iter, body)``, ``Return(values)``; the root is ``Module(body)``.
@@ -391,6 +392,19 @@ class Template(Node):
         return tuple(p for p in self.parts if isinstance(p, Hole))
 
 
+#: The roles of chat turns.
+TURN_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Turn(Template):
+    """``system "..."`` / ``user "..."`` / ``assistant "..."``: one chat message of that role, its content the
+    template (holes only in assistant turns, checked), rendered with the model's chat template."""
+
+    role: str = field(default="user", kw_only=True)
+    role_span: Span = field(**_SPAN)
+
+
 @dataclass(frozen=True)
 class Gen(Node):
     """``gen NAME where ...``: a bare hole, the same as the template ``"[NAME]"``."""
@@ -471,7 +485,7 @@ class Return(Node):
     values: tuple[Expr, ...]
 
 
-Stmt = Union[ModelStmt, InferStmt, InputStmt, ImportStmt, Template, Gen, Observe, SampleStmt, Let, Condition,
+Stmt = Union[ModelStmt, InferStmt, InputStmt, ImportStmt, Template, Turn, Gen, Observe, SampleStmt, Let, Condition,
              Factor, If, For, Return]
 
 

@@ -25,7 +25,7 @@ Child = Union[Tree, Token, None]
 
 
 #: Rules whose extent includes newlines / indentation tokens: their spans come from their children instead.
-_LINE_RULES = frozenset({"start", "template_stmt", "gen_stmt", "where_block", "where_line", "suite", "if_stmt",
+_LINE_RULES = frozenset({"start", "template_stmt", "turn_stmt", "gen_stmt", "where_block", "where_line", "suite", "if_stmt",
                          "elif_clause", "else_clause", "for_stmt"})
 
 
@@ -164,6 +164,11 @@ class Builder:
     def s_template_stmt(self, tree, ch):
         tok, inline, block = ch
         return A.Template(self.template_parts(tok), self.where(inline, block), span=self.tree_span(tree))
+
+    def s_turn_stmt(self, tree, ch):
+        role, tok, inline, block = ch
+        return A.Turn(self.template_parts(tok), self.where(inline, block), role=str(role.children[0]),
+                      span=self.tree_span(tree), role_span=self.sp(role))
 
     def s_gen_stmt(self, tree, ch):
         tok, inline, block = ch

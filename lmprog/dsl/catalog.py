@@ -20,7 +20,7 @@ KEYWORDS = frozenset({
 
 #: Statement keywords, for "did you mean" on a misspelt statement.
 STATEMENT_KEYWORDS = ("model", "infer", "input", "import", "let", "sample", "condition", "factor", "observe",
-                      "return", "gen", "if", "for")
+                      "return", "gen", "if", "for", "system", "user", "assistant")
 
 #: Types an ``input`` may declare.
 INPUT_TYPES = ("str", "int", "float", "bool", "list")

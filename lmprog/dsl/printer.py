@@ -63,6 +63,8 @@ def _stmt(s: A.Stmt, depth: int, out: list[str]) -> None:
         out.append(text)
     elif isinstance(s, A.ImportStmt):
         out.append(f"{pad}import {string_literal(s.path)} as {s.alias}")
+    elif isinstance(s, A.Turn):
+        out.append(f"{pad}{s.role} {p.template(s.parts, True)}{_where(s.where)}")
     elif isinstance(s, A.Template):
         out.append(pad + p.template(s.parts, True) + _where(s.where))
     elif isinstance(s, A.Gen):

@@ -34,7 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmprog.backends.base import Prefix
-from lmprog.inference import memory
+from lmprog.backends.jax_setup import to_device
+from lmprog.inference import aot, memory
+from lmprog.inference.evidence import log_z_standard_error
 from lmprog.inference.kernel import TRACE_COUNTS, Kernels, get_kernels
 from lmprog.inference.segments import (
     CAUSE_TEXT,
@@ -177,6 +179,7 @@ class Run:
     data: list | None = None  # host per-particle dicts (aligned with `origin` at the last sync)
     prefix_text: str = ""
     registry: dict = field(default_factory=dict)  # id -> snapshot of a particle's host data (Trace.seg_data)
+    host_pool: object = None  # the host matcher's states (lmprog.automata.host.HostPool) when holes use it
 
     @property
     def num(self) -> int:
@@ -191,11 +194,11 @@ class Run:
         self.data, self.compile_s = fork.data, fork.compile_s
 
     def call(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)``; its time counts as compile time if it traced a kernel."""
-        before = sum(TRACE_COUNTS.values())
+        """``fn(*args, **kwargs)``; its time counts as compile time if it traced a kernel or loaded one from disk."""
+        before = sum(TRACE_COUNTS.values()) + sum(aot.LOADS.values())
         t = time.perf_counter()
         out = fn(*args, **kwargs)
-        if sum(TRACE_COUNTS.values()) != before:
+        if sum(TRACE_COUNTS.values()) + sum(aot.LOADS.values()) != before:
             self.compile_s += time.perf_counter() - t
         return out
 
@@ -355,12 +358,15 @@ def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress
     v = program.vocab
     if v > int(lm.vocab_size):
         raise ValueError(f"the program's token table has {v} columns but the model has {lm.vocab_size} logits")
+    table, pool = program.table, None
+    if hasattr(table, "bind"):  # host-matcher holes: this run's pool of matcher states (lmprog.automata.host)
+        table, pool = table.bind()
     consts = Consts(
-        table=program.table,
-        temperature=jnp.float32(strategy.temperature),
-        ess_threshold=jnp.float32(getattr(strategy, "ess", 0.0)),
+        table=table,
+        temperature=to_device(strategy.temperature, np.float32),
+        ess_threshold=to_device(getattr(strategy, "ess", 0.0), np.float32),
     )
-    r = Run(lm, program, strategy, kern, consts, groups, n, progress)
+    r = Run(lm, program, strategy, kern, consts, groups, n, progress, host_pool=pool)
     lay = layout(lm, program, strategy)
     prefix, observed, i0, slack = lay.prefix, lay.observed, lay.first, lay.slack
     t0, s0, buf_len, cache_len, prefix_buf = len(prefix), lay.s0, lay.buf_len, lay.cache_len, lay.prefix_buf
@@ -368,7 +374,7 @@ def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress
     r.prefix_text = tok.decode(prefix, skip_special=True)
     segs = program.segments
 
-    prefix_lp, cache1, n_prefill = _prefill(r, lm.init_cache(1, prefix_buf), prefix[:-1], prefix[1:], observed[1:], 0,
+    prefix_lp, cache1, n_prefill = _prefill(r, r.call(kern.init_cache, batch=1, max_len=prefix_buf), prefix[:-1], prefix[1:], observed[1:], 0,
                                             prefix_buf)
     prefix_lp = float(prefix_lp)
     if not prefix_lp > -math.inf:
@@ -379,8 +385,8 @@ def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress
             causes={"observe": num},
         )
     if SHARE_PREFIX:
-        r.consts = consts = consts._replace(prefix=Prefix(cache1, jnp.int32(s0)))
-        cache = lm.init_cache(num, cache_len - s0)
+        r.consts = consts = consts._replace(prefix=Prefix(cache1, to_device(s0, np.int32)))
+        cache = r.call(kern.init_cache, batch=num, max_len=cache_len - s0)
     else:
         cache = lm.broadcast(cache1, num)
     del cache1
@@ -394,16 +400,16 @@ def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress
     if cfg.select == "beam":  # identical copies: only beam 0 is a real candidate at the start
         lw[1:] = sc[1:] = -np.inf
         cause[1:] = int(Cause.UNUSED)
-    parts = parts._replace(log_weight=jnp.asarray(lw), score=jnp.asarray(sc), cause=jnp.asarray(cause),
-                           lw_total=jnp.asarray(lw))
+    parts = parts._replace(log_weight=to_device(lw), score=to_device(sc), cause=to_device(cause),
+                           lw_total=to_device(lw))
     state = RunState(
         particles=parts,
         cache=cache,
-        log_z=jnp.zeros((groups,), jnp.float32),
+        log_z=to_device(np.zeros((groups,), np.float32)),
         key=key,
-        n_tokens=jnp.int32(0),
-        n_forward=jnp.int32(0),
-        n_rows=jnp.int32(0),
+        n_tokens=to_device(0, np.int32),
+        n_forward=to_device(0, np.int32),
+        n_rows=to_device(0, np.int32),
     )
     s = Setup(prefix=prefix, prefix_lp=prefix_lp, n_prefill=n_prefill, first=i0, cache_len=cache_len, slack=slack,
               pos0=t0 - 1)
@@ -432,7 +438,7 @@ def _prefill(run: Run, cache, feed: list[int], targets: list[int], observed: lis
     """Feed ``feed`` into a one-row ``cache`` from ``position`` on, in chunks of ``PREFILL_CHUNK``. Returns the
     summed log-probability of ``targets`` where ``observed`` (``targets[t]`` follows ``feed[t]``), the cache and
     the number of calls."""
-    lp = jnp.float32(0.0)
+    parts = []
     calls = 0
     for c0 in range(0, len(feed), PREFILL_CHUNK):
         width = min(PREFILL_CHUNK, len(feed) - c0)
@@ -443,11 +449,11 @@ def _prefill(run: Run, cache, feed: list[int], targets: list[int], observed: lis
         a[0, :width] = feed[c0 : c0 + width]
         b[0, :width] = targets[c0 : c0 + width]
         m[0, :width] = observed[c0 : c0 + width]
-        part, cache = run.call(run.kern.prefill, run.lm.params, run.consts, cache, jnp.asarray(a),
-                               jnp.int32(position + c0), jnp.asarray(b), jnp.asarray(m))
-        lp = lp + part
+        part, cache = run.call(run.kern.prefill, run.lm.params, run.consts, cache, to_device(a),
+                               to_device(position + c0, np.int32), to_device(b), to_device(m))
+        parts.append(part)
         calls += 1
-    return lp, cache, calls
+    return float(sum(np.asarray(jax.device_get(parts), np.float32))), cache, calls
 
 
 def prefill_group_text(run: Run, state: RunState, s: Setup) -> tuple[RunState, Setup]:
@@ -525,7 +531,9 @@ class Part:
     ``resume [P]`` (holes): continue inside this hole just before token ``resume_at[i]`` (an MCMC cut; the
     state there is in the particle's trace). ``pause``: particles idle once they have ``pause`` tokens of this
     hole (``None``: no pause). ``replay [P]``: these particles replay host data and host log-weights recorded
-    in their trace (particle Gibbs' reference).
+    in their trace (particle Gibbs' reference). ``on_chunk(state, hp) -> (state, restarted)`` (holes): called
+    after every chunk of the token loop; it may move particles back into the hole (MCMC's rolling suffix
+    moves, :mod:`lmprog.inference.moves`), and says whether it did (the loop then goes on while any runs).
     """
 
     running: np.ndarray
@@ -533,6 +541,7 @@ class Part:
     resume_at: np.ndarray | None = None
     pause: int | None = None
     replay: np.ndarray | None = None
+    on_chunk: Callable | None = None
 
     @property
     def everyone(self) -> bool:
@@ -625,7 +634,7 @@ def _feed(run: Run, state: RunState, rows: list[list[int]], observe: bool, pos_b
             chunk = r[c0 : c0 + width]
             toks[i, : len(chunk)] = chunk
             lens[i] = len(chunk)
-        state = run.call(run.kern.feed, run.lm.params, run.consts, state, jnp.asarray(toks), jnp.asarray(lens),
+        state = run.call(run.kern.feed, run.lm.params, run.consts, state, to_device(toks), to_device(lens),
                          observe=observe)
         pos_bound += width
     return state, pos_bound
@@ -645,11 +654,11 @@ def hole_params(run: Run, state: RunState, h: int, hole: Hole, budget_: int, sla
     if np.any(start >= s_total) or np.any(start < -1):
         raise ValueError(f"hole {hole.name!r}: start state out of range [0, {s_total})")
     hp = HoleParams(
-        start=jnp.asarray(start, jnp.int32),
-        hole=jnp.full((num,), h, jnp.int32),
-        max_tokens=jnp.int32(budget_),
-        max_steps=jnp.int32(budget_ + slack),  # not Hole.reach: sizing only (_room), the mask never sees it
-        pause=jnp.int32(BIG),
+        start=to_device(start, np.int32),
+        hole=to_device(np.full((num,), h, np.int32)),
+        max_tokens=to_device(budget_, np.int32),
+        max_steps=to_device(budget_ + slack, np.int32),  # not Hole.reach: sizing only (_room), the mask never sees it
+        pause=to_device(BIG, np.int32),
     )
     return state, hp
 
@@ -664,12 +673,13 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
     if not part.everyone:
         hp = hp._replace(start=jnp.where(jnp.asarray(part.running), hp.start, -1))
     if part.pause is not None:
-        hp = hp._replace(pause=jnp.int32(part.pause))
+        hp = hp._replace(pause=to_device(part.pause, np.int32))
     state = run.call(kern.begin_hole, state, hp)
     if part.resume is not None and part.resume.any():
         state = run.call(kern.resume_hole, state, jnp.asarray(part.resume), jnp.asarray(part.resume_at, jnp.int32),
                          jnp.full((num,), h, jnp.int32), jnp.int32(s.prefix[-1]))
     steps_done = 0
+    since = 0  # steps since the last restart by part.on_chunk (the budget guard)
     # A predicate on every prefix (h.pred(X, prefix=true)) is a host call after every token.
     step_kern = kern if seg.prefix_check is None else get_kernels(run.lm, replace(kern.cfg, chunk=1))
     while True:
@@ -682,8 +692,14 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
             if not ok.all():
                 state = run.call(kern.add_log_weight, state, jnp.asarray(np.where(ok, 0.0, -np.inf), jnp.float32))
                 active = int(jnp.sum(Kernels.running(state.particles, hp)))
+        restarted = False
+        if part.on_chunk is not None:
+            state, restarted = part.on_chunk(state, hp)
+            if restarted:
+                active = jnp.sum(Kernels.running(state.particles, hp))
         steps, active = int(steps), int(active)
         steps_done += steps
+        since = 0 if restarted else since + steps
         run.ess.append((ess_buf, res_buf, steps))
         if run.progress is not None:
             run.progress(Progress(seg.name, steps_done, budget_, active))
@@ -691,7 +707,7 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
             state = on_resample(state, j, steps_done)
         if active == 0:
             break
-        if steps_done > budget_ + s.slack + 1:  # pragma: no cover - the budget rule guarantees termination
+        if since > budget_ + s.slack + 1:  # pragma: no cover - the budget rule guarantees termination
             raise RuntimeError(f"hole {seg.name!r} did not finish within its budget of {budget_} tokens")
     pos_bound += _room(seg, run.strategy, s.slack)  # the slots setup reserved for the hole
     if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
@@ -727,7 +743,7 @@ def _walk_host(run: Run, state: RunState, s: Setup, j: int, seg: Host, part: Par
             run.data[i] = dict(run.registry[int(seg_data[i])])
             inc[i] = seg_lw[i, 1] - seg_lw[i, 0]
     if inc is not None:
-        state = run.call(run.kern.add_log_weight, state, jnp.asarray(inc))
+        state = run.call(run.kern.add_log_weight, state, to_device(inc))
         if check:
             run.check_alive(state, j, seg)
     return state, pos_bound
@@ -743,7 +759,7 @@ def snapshot(run: Run, state: RunState, j: int, mask: np.ndarray) -> RunState:
     ids = np.full((run.num,), -1, np.int32)
     for i in np.flatnonzero(mask):
         ids[i] = run.register(run.data[i])
-    return run.call(run.kern.snapshot, state, jnp.int32(j), jnp.asarray(mask), jnp.asarray(ids))
+    return run.call(run.kern.snapshot, state, to_device(j, np.int32), to_device(mask), to_device(ids))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -773,6 +789,9 @@ def assemble(run: Run, state: RunState, s: Setup, t_start: float) -> InferenceRe
         res = np.concatenate([np.asarray(d)[:k] for _, d, k in run.ess]).reshape(-1, g)
     else:
         ess, res = np.zeros((0, g)), np.zeros((0, g), bool)
+    # Conditional SMC (particle Gibbs) keeps a reference particle: its weights estimate no evidence alone.
+    log_z_se = (log_z_standard_error(lw, shape(p.eve), res.sum(axis=0))
+                if log_z is not None and cfg.select == "sample" and not cfg.conditional else None)
     return InferenceResult(
         strategy=run.strategy.name,
         properly_weighted=run.strategy.properly_weighted,
@@ -789,6 +808,7 @@ def assemble(run: Run, state: RunState, s: Setup, t_start: float) -> InferenceRe
         causes=shape(p.cause),
         hole_logprobs=shape(p.hole_logp).astype(np.float64),
         log_z=log_z,
+        log_z_se=log_z_se,
         ess=ess,
         resampled=res,
         stats=run_stats(run, state, s, particles=n, groups=g, wall_s=time.perf_counter() - t_start),
@@ -799,12 +819,17 @@ def assemble(run: Run, state: RunState, s: Setup, t_start: float) -> InferenceRe
 def run_stats(run: Run, state: RunState, s: Setup, **more) -> dict:
     """The counters every result reports: tokens processed, LM calls, prompt size, compile time."""
     n_tokens, n_forward, n_rows = jax.device_get((state.n_tokens, state.n_forward, state.n_rows))
+    extra = {}
+    if run.host_pool is not None:
+        extra["host_matcher"] = dict(run.host_pool.stats, states=len(run.host_pool))
     return {
+        "constraint_paths": {h.name: h.path for h in run.program.holes},
         "tokens": int(n_tokens),
         "prefill_tokens": len(s.prefix) - 1,
         "forward_passes": int(n_forward) + s.n_prefill,
         "decode_rows": int(n_rows),
         "compile_s": run.compile_s,
         "prefix_logprob": s.prefix_lp,
+        **extra,
         **more,
     }

@@ -81,6 +81,8 @@ def enumerate_program(
     tok = lm.tokenizer
     v = program.vocab
     table = program.table
+    if hasattr(table, "bind"):  # host-matcher holes: a pool of matcher states for this enumeration
+        table, _pool = table.bind()
     slack = table.max_pending() + 1  # the engine's hard cap: budget + slack tokens per hole
 
     @jax.jit

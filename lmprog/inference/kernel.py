@@ -24,6 +24,7 @@ from jax import lax
 from lmprog.automata.table import TokenTable
 from lmprog.inference import resampling
 from lmprog.inference.segments import Cause
+from lmprog.inference.aot import DiskJit
 from lmprog.inference.state import Consts, HoleParams, Particles, RunState
 
 __all__ = ["KernelConfig", "Kernels", "TRACE_COUNTS", "get_kernels"]
@@ -176,17 +177,27 @@ class Kernels:
     def __init__(self, lm, cfg: KernelConfig):
         self.lm = lm
         self.cfg = cfg
-        self.prefill = jax.jit(self._prefill)
-        self.feed = jax.jit(self._feed, static_argnames=("observe",), donate_argnames=("state",))
-        self.begin_hole = jax.jit(self._begin_hole, donate_argnames=("state",))
-        self.hole_chunk = jax.jit(self._hole_chunk, donate_argnames=("state",))
-        self.add_log_weight = jax.jit(self._add_log_weight, donate_argnames=("state",))
-        self.refine_causes = jax.jit(self._refine_causes, donate_argnames=("state",))
-        self.snapshot = jax.jit(self._snapshot, donate_argnames=("state",))
-        self.resume_hole = jax.jit(self._resume_hole, donate_argnames=("state",))
-        self.resume_segment = jax.jit(self._resume_segment, donate_argnames=("state",))
-        self.select = jax.jit(self._select, donate_argnames=("current", "proposal"))
-        self.copy = jax.jit(lambda state: jax.tree.map(jnp.copy, state))
+        # Executables kept on disk (lmprog.inference.aot) for models that name their architecture.
+        aot_key = getattr(lm, "aot_key", None)
+        key = None if aot_key is None else f"{aot_key}|{cfg!r}"
+
+        def jit(fn, name, **kw):
+            return DiskJit(fn, name, key, **kw)
+
+        self.prefill = jit(self._prefill, "prefill")
+        self.feed = jit(self._feed, "feed", static_argnames=("observe",), donate_argnames=("state",))
+        self.begin_hole = jit(self._begin_hole, "begin_hole", donate_argnames=("state",))
+        self.hole_chunk = jit(self._hole_chunk, "hole_chunk", donate_argnames=("state",))
+        self.add_log_weight = jit(self._add_log_weight, "add_log_weight", donate_argnames=("state",))
+        self.refine_causes = jit(self._refine_causes, "refine_causes", donate_argnames=("state",))
+        self.snapshot = jit(self._snapshot, "snapshot", donate_argnames=("state",))
+        self.resume_hole = jit(self._resume_hole, "resume_hole", donate_argnames=("state",))
+        self.resume_segment = jit(self._resume_segment, "resume_segment", donate_argnames=("state",))
+        self.select = jit(self._select, "select", donate_argnames=("current", "proposal"))
+        self.copy = jit(lambda state: jax.tree.map(jnp.copy, state), "copy")
+        # Zeros made by an executable: eager ``jnp.zeros`` compiles one program per shape in every process.
+        self.init_cache = jit(lambda batch, max_len: lm.init_cache(batch, max_len), "init_cache",
+                              static_argnames=("batch", "max_len"))
 
     # ------------------------------------------------------------------------------------------------
     # Prefill of the shared prefix (batch 1)

@@ -112,6 +112,7 @@ class InferenceResult:
     stats: dict
     data: list[list[dict]] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    log_z_se: np.ndarray | None = None  # [G] standard errors of log_z (lmprog.inference.evidence), NaN: unknown
     _samples: dict = field(default_factory=dict, repr=False)
 
     # ---- arrays ----------------------------------------------------------------------------------
@@ -137,6 +138,13 @@ class InferenceResult:
     def log_evidence(self) -> float | None:
         """``log Z_hat`` of group 0 (``None`` when not properly weighted)."""
         return None if self.log_z is None else float(self.log_z[0])
+
+    @property
+    def log_evidence_se(self) -> float | None:
+        """The standard error of :attr:`log_evidence` (``None`` when unknown)."""
+        if self.log_z_se is None or not np.isfinite(self.log_z_se[0]):
+            return None
+        return float(self.log_z_se[0])
 
     @property
     def alive(self) -> np.ndarray:
@@ -211,7 +219,7 @@ class InferenceResult:
             self, tokens=self.tokens[sl], lengths=self.lengths[sl], spans=self.spans[sl],
             log_weights=self.log_weights[sl], scores=self.scores[sl], causes=self.causes[sl],
             hole_logprobs=self.hole_logprobs[sl], log_z=None if self.log_z is None else self.log_z[sl],
-            ess=self.ess[:, sl], resampled=self.resampled[:, sl], data=[self.data[g]] if self.data else [],
+            log_z_se=None if self.log_z_se is None else self.log_z_se[sl], ess=self.ess[:, sl], resampled=self.resampled[:, sl], data=[self.data[g]] if self.data else [],
             stats=dict(self.stats, groups=1), extra=dict(self.extra), _samples={})
 
     @classmethod
@@ -232,7 +240,8 @@ class InferenceResult:
             stats[k] = sum(w.stats.get(k, 0) for w in waves)
         stats.update(particles=n, waves=len(waves))
         return replace(
-            first, tokens=cat("tokens"), lengths=cat("lengths"), spans=cat("spans"), log_weights=lw,
+            first, log_z_se=_waves_se(waves, n), tokens=cat("tokens"), lengths=cat("lengths"), spans=cat("spans"),
+            log_weights=lw,
             scores=cat("scores"), causes=cat("causes"), hole_logprobs=cat("hole_logprobs"),
             log_z=None if first.log_z is None else logsumexp(lw) - np.log(n),
             data=[[d for w in waves for d in (w.data[0] if w.data else [{}] * w.num_particles)]],
@@ -250,7 +259,7 @@ class InferenceResult:
             spans=np.zeros_like(first(self.spans)), log_weights=np.full_like(first(self.log_weights), -np.inf),
             scores=np.full_like(first(self.scores), -np.inf), causes=np.full_like(first(self.causes), code),
             hole_logprobs=np.zeros_like(first(self.hole_logprobs)), data=[[{} for _ in range(n)]],
-            log_z=None if self.log_z is None else np.full_like(self.log_z, -np.inf),
+            log_z=None if self.log_z is None else np.full_like(self.log_z, -np.inf), log_z_se=None,
             ess=np.zeros((0, 1)), resampled=np.zeros((0, 1), bool), stats=dict(self.stats, particles=n), _samples={})
 
     def relabel(self, strategy) -> "InferenceResult":
@@ -287,3 +296,17 @@ def tally(pairs: Iterable[tuple[Any, float]], *, ident: Callable[[Any], Hashable
     if not total > 0:
         return []
     return sorted(((first[k], w / total) for k, w in sums.items()), key=lambda kv: (-kv[1], tie(kv[0])))
+
+
+def _waves_se(waves: list[InferenceResult], n: int) -> np.ndarray | None:
+    """log Z's standard error of independent waves combined as ``Z = sum_w (n_w / n) Z_w``:
+    ``Var(Z) / Z^2 = sum_w (n_w Z_w / (n Z))^2 Var(Z_w) / Z_w^2``."""
+    if any(w.log_z is None or w.log_z_se is None for w in waves):
+        return None
+    share = np.array([w.num_particles / n for w in waves])
+    lz = np.array([float(w.log_z[0]) for w in waves])
+    se = np.array([float(w.log_z_se[0]) for w in waves])
+    if not np.all(np.isfinite(se)) or not np.any(np.isfinite(lz)):
+        return np.array([np.nan])
+    z_rel = share * np.exp(lz - logsumexp(np.log(share) + lz))  # n_w Z_w / (n Z)
+    return np.array([float(np.sqrt(np.sum(np.where(np.isfinite(lz), z_rel, 0.0) ** 2 * se ** 2)))])

@@ -145,6 +145,9 @@ class Hole:
             language, terminator included); buffers and the KV cache reserve ``min(budget + slack, reach)``
             slots for the hole instead of ``budget + slack``. It never changes the mask, the budget or the
             hard cap (same seed, same result). ``None``: unknown (size by the budget).
+        path: where the hole's constraint runs: ``"device"`` (its token automaton in the table) or ``"host"``
+            (the host matcher, :mod:`lmprog.automata.host`: ``start`` is a host state of the HostTable). Reported
+            in ``stats["constraint_paths"]``.
     """
 
     name: str
@@ -154,6 +157,7 @@ class Hole:
     label: str = ""
     prefix_check: Callable[["HostView"], np.ndarray] | None = None
     reach: int | None = None
+    path: str = "device"
 
     def __post_init__(self):
         if self.max_tokens is not None and self.max_tokens < 1:

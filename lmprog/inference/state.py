@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from lmprog.automata.table import TokenTable
 
@@ -74,6 +74,9 @@ class Particles(NamedTuple):
     # to every sharer that would write something else there (Kernels._unshare). Particles with equal (row,
     # position, last) have the same history and pending token, hence the same next-token logits.
     row: jax.Array
+    # [P] int32 the particle's ancestor in the first generation (its "Eve"; follows resampling, never reset):
+    # with the final weights it gives log Z's standard error (lmprog.inference.evidence).
+    eve: jax.Array
     trace: Trace
 
 
@@ -113,18 +116,18 @@ class RunState(NamedTuple):
 
 
 def init_trace(num: int, buffer_len: int, num_segments: int) -> Trace:
-    """An empty trace (``buffer_len = num_segments = 0``: not tracing)."""
-    i32, f32 = jnp.int32, jnp.float32
+    """An empty trace (``buffer_len = num_segments = 0``: not tracing), as host arrays."""
+    i32, f32 = np.int32, np.float32
     return Trace(
-        auto=jnp.full((num, buffer_len), -1, i32),
-        counts=jnp.zeros((num, buffer_len, 3), i32),
-        log_weight=jnp.zeros((num, buffer_len), f32),
-        score=jnp.zeros((num, buffer_len), f32),
-        hole_logp=jnp.zeros((num, buffer_len), f32),
-        seg_length=jnp.zeros((num, num_segments), i32),
-        seg_log_weight=jnp.zeros((num, num_segments), f32),
-        seg_score=jnp.zeros((num, num_segments), f32),
-        seg_data=jnp.full((num, num_segments), -1, i32),
+        auto=np.full((num, buffer_len), -1, i32),
+        counts=np.zeros((num, buffer_len, 3), i32),
+        log_weight=np.zeros((num, buffer_len), f32),
+        score=np.zeros((num, buffer_len), f32),
+        hole_logp=np.zeros((num, buffer_len), f32),
+        seg_length=np.zeros((num, num_segments), i32),
+        seg_log_weight=np.zeros((num, num_segments), f32),
+        seg_score=np.zeros((num, num_segments), f32),
+        seg_data=np.full((num, num_segments), -1, i32),
     )
 
 
@@ -132,26 +135,28 @@ def init_particles(
     num: int, buffer_len: int, num_holes: int, last: int, position: int, *, num_segments: int = 0, trace: bool = False
 ) -> Particles:
     """Fresh particles sitting right after the shared prefix (pending token ``last`` at ``position``);
-    with ``trace``, room to record every token and segment start (:class:`Trace`)."""
-    i32 = jnp.int32
-    return Particles(
-        last=jnp.full((num,), last, i32),
-        position=jnp.full((num,), position, i32),
-        length=jnp.zeros((num,), i32),
-        tokens=jnp.zeros((num, buffer_len), i32),
-        auto=jnp.full((num,), -1, i32),
-        counts=TokenTable.init_counts(num),
-        hole=jnp.full((num,), -1, i32),
-        n_hole=jnp.zeros((num,), i32),
-        done=jnp.ones((num,), bool),
-        log_weight=jnp.zeros((num,), jnp.float32),
-        score=jnp.zeros((num,), jnp.float32),
-        cause=jnp.zeros((num,), i32),
-        spans=jnp.zeros((num, num_holes, 2), i32),
-        hole_logp=jnp.zeros((num, num_holes), jnp.float32),
-        origin=jnp.arange(num, dtype=i32),
-        lw_total=jnp.zeros((num,), jnp.float32),
-        force_len=jnp.zeros((num,), i32),
-        row=jnp.zeros((num,), i32),  # fresh particles have the same (empty) history: one row
+    with ``trace``, room to record every token and segment start (:class:`Trace`). Built on the host and copied
+    to the device: building it with ``jnp`` would compile one small program per array."""
+    i32 = np.int32
+    return jax.device_put(Particles(
+        last=np.full((num,), last, i32),
+        position=np.full((num,), position, i32),
+        length=np.zeros((num,), i32),
+        tokens=np.zeros((num, buffer_len), i32),
+        auto=np.full((num,), -1, i32),
+        counts=np.zeros((num, 3), i32),  # TokenTable.init_counts, on the host
+        hole=np.full((num,), -1, i32),
+        n_hole=np.zeros((num,), i32),
+        done=np.ones((num,), bool),
+        log_weight=np.zeros((num,), np.float32),
+        score=np.zeros((num,), np.float32),
+        cause=np.zeros((num,), i32),
+        spans=np.zeros((num, num_holes, 2), i32),
+        hole_logp=np.zeros((num, num_holes), np.float32),
+        origin=np.arange(num, dtype=i32),
+        lw_total=np.zeros((num,), np.float32),
+        force_len=np.zeros((num,), i32),
+        row=np.zeros((num,), i32),  # fresh particles have the same (empty) history: one row
+        eve=np.arange(num, dtype=i32),
         trace=init_trace(num, buffer_len if trace else 0, num_segments if trace else 0),
-    )
+    ))

@@ -13,12 +13,14 @@ state of every chain is a sample (equal weights).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 
 import jax
 import numpy as np
 
-from lmprog.inference import engine
+from lmprog.inference import engine, moves
+from lmprog.inference.kernel import get_kernels
 from lmprog.inference.moves import Recorder, Sites, host_rng, set_replay, start_chains, suffix_moves
 from lmprog.inference.segments import InferenceError
 from lmprog.inference.samples import InferenceResult, logsumexp
@@ -64,6 +66,9 @@ class MCMC(Strategy):
         cfg = replace(base.kernel_config(groups=1, chunk=chunk), trace=True)
         key, k_run = jax.random.split(key)
         run, state, s = engine.setup(lm, program, base, cfg, 1, k_run, None)
+        rolling = moves.rolls(run, s)
+        if rolling:  # chains are settled between chunks of the last hole: small chunks (moves.MOVE_CHUNK)
+            run.kern = get_kernels(lm, replace(cfg, chunk=moves.MOVE_CHUNK))
         rng = host_rng(key)
         sites = Sites.of(run, s)
         if init is None:
@@ -77,8 +82,25 @@ class MCMC(Strategy):
                 if p.cause[i] != 0 or [int(t) for t in p.tokens[i, : p.length[i]]] != [int(t) for t in seq]:
                     raise ValueError(f"init sequence {i} is not an execution of the program")
         run.ess.clear()
-        accepted = np.zeros((num,), np.int64)
         rec = Recorder()
+        calls0, tokens0 = (int(a) for a in jax.device_get((state.n_forward, state.n_tokens)))
+        t0 = time.perf_counter()
+
+        def cost(state) -> dict:  # what the moves took (the first execution excluded)
+            calls, tokens = (int(a) for a in jax.device_get((state.n_forward, state.n_tokens)))
+            return {"move_lm_calls": calls - calls0, "move_tokens": tokens - tokens0,
+                    "move_s": time.perf_counter() - t0}
+
+        if rolling:
+            state, ch = moves.rolling_moves(run, state, s, rng, sites, int(self.steps), int(self.burn_in), rec,
+                                            progress)
+            return rec.engine_result(run, s, state, self, groups, chains, {
+                "acceptance": (ch.accepted / int(self.steps)).reshape(groups, chains),
+                "move": "suffix",
+                "walks": ch.walks,
+                **cost(state),
+            })
+        accepted = np.zeros((num,), np.int64)
         for step in range(int(self.steps)):
             state, acc = suffix_moves(run, state, s, rng, np.ones((num,), bool), sites)
             accepted += acc
@@ -89,6 +111,8 @@ class MCMC(Strategy):
         return rec.engine_result(run, s, state, self, groups, chains, {
             "acceptance": (accepted / int(self.steps)).reshape(groups, chains),
             "move": "suffix",
+            "walks": int(self.steps),
+            **cost(state),
         })
 
     def _independent(self, lm, program, key, groups, chunk, progress) -> InferenceResult:

@@ -1,0 +1,80 @@
+"""Time to the first result: ``lmprog run PROGRAM --json`` as a fresh process, warm caches.
+
+    python benchmarks/bench_first_result.py [--program examples/capital.lmp] [--repeat 3]
+
+Three configurations, alternated ``--repeat`` times so that machine load hits them alike:
+
+* ``xla-cache-only``: the model file parsed again and every kernel traced and lowered, its executable from JAX's
+  persistent compilation cache (what 0.1 did: ``LMPROG_NO_MODEL_CACHE=1 LMPROG_NO_KERNEL_CACHE=1``);
+* ``model-cache``: the parsed model from lmprog's model cache, kernels as above;
+* ``all-caches``: the model cache and the kernels' executables loaded from disk (no trace, no lowering).
+
+Every configuration runs once first to fill its caches (not timed). Reported per configuration (median over the
+repeats): the process's wall time; inside the run (``stats``): the engine's compile time (tracing, lowering and
+loading executables) and the run's wall time; outside the run: the rest (Python imports, parsing the program,
+loading the model, printing). Also the CPU time of the process (user + system), which machine load disturbs
+less than wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "xla-cache-only": {"LMPROG_NO_MODEL_CACHE": "1", "LMPROG_NO_KERNEL_CACHE": "1"},
+    "model-cache": {"LMPROG_NO_KERNEL_CACHE": "1"},
+    "all-caches": {},
+}
+
+
+def run_once(program: str, env: dict) -> dict:
+    e = {k: v for k, v in os.environ.items() if k not in ("LMPROG_NO_MODEL_CACHE", "LMPROG_NO_KERNEL_CACHE")}
+    e.update(env)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "lmprog.cli", "run", program, "--json"], capture_output=True,
+                         text=True, env=e, cwd=ROOT)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        raise SystemExit(f"lmprog run failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    stats = json.loads(out.stdout)["stats"]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "compile": stats["compile_s"], "run": stats["wall_s"],
+            "outside": wall - stats["wall_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--program", default="examples/capital.lmp")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = parser.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}; {args.program}")
+    for name in args.configs:  # fill the caches
+        run_once(args.program, CONFIGS[name])
+    rows = {name: [] for name in args.configs}
+    for _ in range(args.repeat):
+        for name in args.configs:
+            rows[name].append(run_once(args.program, CONFIGS[name]))
+    print(f"{'configuration':<16} {'wall s':>7} {'cpu s':>7} {'compile s':>10} {'run s':>7} {'outside s':>10}")
+    for name, runs in rows.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(f"{name:<16} {med['wall']:7.2f} {med['cpu']:7.2f} {med['compile']:10.2f} {med['run']:7.2f} "
+              f"{med['outside']:10.2f}")
+    print(f"# load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

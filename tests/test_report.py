@@ -1,0 +1,332 @@
+"""The HTML report (``lmprog.report``, ``Result.report``, ``lmprog run/batch --report``) on the toy LM.
+
+The pages are checked twice: as text (what the Python side wrote: merged histories, bounds, offline), and as
+rendered by headless Chromium (Debian's ``chromium``; ``.ci/run`` installs it): the DOM after the scripts ran,
+no script or console error, and a screenshot that is not blank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+
+import numpy as np
+import pytest
+
+import lmprog
+from lmprog import cli, report
+from test_lower import toy_lm
+
+SMC = '''infer smc(particles=32, ess=0.9)
+"Q: [x] [y]\\n" where x in ["a", "b", "ab", "ba"] and y in ["a", "b", "c"]
+condition x != "a"
+'''
+MCMC = '''infer mcmc(steps=12, chains=3)
+"Q: [x] [y]\\n" where x in ["a", "b", "ab", "ba"] and y in ["a", "b", "c"]
+'''
+BIG = '''infer smc(particles=2000)
+"Q: [x]\\n" where x matches "[abc]{1,4}"
+'''
+
+
+@pytest.fixture(scope="module")
+def smc():
+    return lmprog.compile(SMC, "smc.lmp").run(lm=toy_lm(), seed=1)
+
+
+@pytest.fixture(scope="module")
+def mcmc():
+    return lmprog.compile(MCMC, "mcmc.lmp").run(lm=toy_lm(), seed=2)
+
+
+@pytest.fixture(scope="module")
+def big():
+    return lmprog.compile(BIG, "big.lmp").run(lm=toy_lm(), seed=3)
+
+
+def roles(page: str, role: str) -> int:
+    return len(re.findall(rf"data-role=['\"]{role}['\"]", page))
+
+
+def distinct_histories(result) -> int:
+    raw = result.raw
+    return len({(raw.tokens[0, i, : raw.lengths[0, i]].tobytes(), int(raw.causes[0, i]))
+                for i in range(raw.num_particles)})
+
+
+# ---- the page as text ---------------------------------------------------------------------------------
+
+
+def test_report_is_one_self_contained_page(smc):
+    page = smc.report()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    # Nothing is loaded: no external scripts, styles, fonts or images.
+    assert not re.search(r"<(script|img|link|iframe)[^>]*\s(src|href)=", page)
+    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+    assert "@import" not in page and "url(" not in page
+    # The size note states the page's own size.
+    size = len(page.encode("utf-8"))
+    assert f"({size} bytes)" in page
+
+
+def test_particle_rows_merge_identical_histories(smc):
+    page = smc.report()
+    n = distinct_histories(smc)
+    assert 1 < n < 32  # the case merges some particles and keeps several histories
+    assert roles(page, "particle-row") == n
+    counts = [int(c) for c in re.findall(r"data-role='particle-row'[^>]*><td class='num'>\d+</td>"
+                                         r"<td class='num'>(\d+)</td>", page)]
+    assert sum(counts) == 32 and len(counts) == n
+    assert f"32 particles in {n} distinct histories ({32 - n} identical particles merged" in page
+
+
+def test_posterior_bars_match_the_posterior(smc):
+    page = smc.report()
+    assert roles(page, "posterior-bar") == len(smc.posterior)
+    widths = [float(w) for w in re.findall(r"class='bar' style='width:([0-9.]+)%'", page)[: len(smc.posterior)]]
+    assert widths == pytest.approx([100 * p for _, p in smc.posterior], abs=0.01)
+
+
+def test_holes_are_marked_in_the_text_and_the_source(smc):
+    page = smc.report()
+    x_marks = re.findall(r"<mark class='hole' data-hole='x'[^>]*>([^<]*)</mark>", page)
+    assert len(x_marks) == distinct_histories(smc)
+    assert all(m.strip() in ("a", "b", "ab", "ba") for m in x_marks)
+    assert roles(page, "source-hole") == 2  # [x] and [y] in the program's source
+    assert re.search(r"data-role='source-hole'[^>]*>\[x\]</mark>", page)
+
+
+def test_dead_particles_show_their_cause_and_hole(smc):
+    page = smc.report()
+    dead = smc.stats["dead"]
+    assert dead > 0
+    m = re.search(r"data-role='dead-row'><td class='num'>(\d+)</td><td>([^<]*)</td><td><code>([^<]*)", page)
+    assert m and int(m.group(1)) == dead
+    assert m.group(2) == "a condition or factor gave weight 0"
+    assert "smc.lmp:2:" in m.group(3) and "where y in" in m.group(3)
+    assert page.count("class='dead'") == sum(1 for _ in re.finditer(r"tr id='row-r-\d+' class='dead'", page)) > 0
+
+
+def test_genealogy_has_a_leaf_per_history(smc):
+    page = smc.report()
+    assert roles(page, "genealogy") == 1
+    assert roles(page, "gen-leaf") == distinct_histories(smc)
+    # every leaf points at a particle row of the same history
+    for hist in re.findall(r"data-role='gen-leaf' data-hist='([^']+)'", page):
+        assert f"id='row-{hist}'" in page
+
+
+def test_ess_chart_with_threshold(smc):
+    page = smc.report()
+    assert roles(page, "ess") == 1 and roles(page, "threshold") == 1
+    assert "resampling threshold 28.8" in page  # ess=0.9 of 32 particles
+    marks = roles(page, "resample-mark")
+    assert marks == int(smc.raw.resampled[:, 0].sum()) > 0
+
+
+def test_log_z_error_bar_only_when_the_result_has_one(smc):
+    from dataclasses import replace
+
+    page = smc.report()
+    if smc.log_evidence_se is not None:
+        assert roles(page, "logz-bar") == 1 and f"± {smc.log_evidence_se:.4f}" in page
+    bare = replace(smc, log_evidence_se=None)
+    page = report.render(bare)
+    assert roles(page, "logz-bar") == 0
+    assert "No standard error" in page and f"{smc.log_evidence:.4f}" in page
+
+
+def test_mcmc_acceptance_and_chain_traces(mcmc):
+    page = mcmc.report()
+    assert roles(page, "acceptance-bar") == 3
+    trace = re.search(r"<svg data-role='chain-trace'.*?</svg>", page).group(0)
+    assert trace.count("data-role='series'") == 3
+    assert roles(page, "chain-values") == 1
+    assert "No ESS history" in page
+
+
+def test_large_run_is_bounded_and_says_so(big):
+    n = distinct_histories(big)
+    assert n > 25  # enough histories for the bound to matter
+    page = big.report(max_rows=20)
+    assert roles(page, "particle-row") == 20
+    assert f"2000 particles in {n} distinct histories" in page
+    assert f"{n - 20} histories (" in page and "at most 20 rows are shown" in page
+    assert roles(page, "gen-leaf") == min(n, report.MAX_LEAVES)
+    full = big.report()
+    assert roles(full, "particle-row") == min(n, report.MAX_ROWS)
+    assert len(full.encode()) < 600_000
+
+
+def test_repr_html_is_a_fragment_without_script(smc):
+    frag = smc._repr_html_()
+    assert frag.startswith("<div class='lmprog-report'>") and "<script" not in frag
+    assert roles(frag, "posterior-bar") == len(smc.posterior) and roles(frag, "particle-row") <= 20
+    assert "probability" in frag
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prog_file(tmp_path, monkeypatch):
+    import lmprog.runner as runner
+
+    monkeypatch.setattr(runner, "get_model", lambda name: toy_lm())
+    path = tmp_path / "p.lmp"
+    path.write_text(SMC)
+    return path
+
+
+def test_cli_run_report(prog_file, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert cli.main(["run", str(prog_file), "--seed", "1", "--json", "--report", str(out)]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout is still only the JSON
+    size = out.stat().st_size
+    assert f"report: {out} (" in captured.err and report.size_text(size) in captured.err
+    page = out.read_text()
+    assert roles(page, "source-hole") == 2 and roles(page, "particle-row") > 1
+
+
+def test_cli_report_path_checked_before_the_run(prog_file, tmp_path, capsys):
+    assert cli.main(["run", str(prog_file), "--report", str(tmp_path / "missing" / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "--report" in err and "does not exist" in err
+    assert cli.main(["run", str(prog_file), "--report", str(prog_file)]) == 2
+    assert "would destroy it" in capsys.readouterr().err
+    same = str(tmp_path / "x.out")
+    assert cli.main(["run", str(prog_file), "--out", same, "--report", same]) == 2
+    assert "same file as --out" in capsys.readouterr().err
+
+
+def test_cli_batch_report_one_section_per_row(prog_file, tmp_path, capsys):
+    rows = tmp_path / "in.jsonl"
+    rows.write_text('{}\nnot json\n{}\n')
+    out = tmp_path / "b.html"
+    assert cli.main(["batch", str(prog_file), str(rows), "--out", str(tmp_path / "o.jsonl"),
+                     "--report", str(out)]) == 2  # the bad row
+    page = out.read_text()
+    assert roles(page, "batch-summary") == 1 and roles(page, "batch-row") == 3
+    assert len(re.findall(r"<section class='result' data-prefix='row\d'", page)) == 2
+    assert "not valid JSON" in page
+    assert "report: " in capsys.readouterr().err
+
+
+# ---- rendered by headless Chromium --------------------------------------------------------------------
+
+
+def chromium_path():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+needs_chromium = pytest.mark.skipif(chromium_path() is None,
+                                    reason="headless Chromium is not installed (apt-get install chromium; "
+                                           ".ci/run installs it)")
+
+
+def chromium(tmp_path, page_path, *args) -> subprocess.CompletedProcess:
+    cmd = [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+           *args, page_path.resolve().as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+
+
+def page_errors(dom: str) -> str:
+    m = re.search(r'<pre id="lmprog-errors"[^>]*>(.*?)</pre>', dom, re.S)
+    assert m, "the page's error element is missing"
+    return m.group(1).strip()
+
+
+@needs_chromium
+def test_chromium_dom_after_scripts(smc, tmp_path):
+    path = tmp_path / "r.html"
+    assert smc.report(path) == str(path) and path.read_bytes().startswith(b"<!DOCTYPE html>")
+    dom = chromium(tmp_path, path, "--dump-dom").stdout
+    assert 'data-lmprog-ready="1"' in dom  # the page's script ran to its end
+    assert page_errors(dom) == ""
+    n = distinct_histories(smc)
+    assert len(re.findall(r'data-role="particle-row"', dom)) == n
+    assert len(re.findall(r'data-role="posterior-bar"', dom)) == len(smc.posterior)
+    assert len(re.findall(r'data-role="gen-leaf"', dom)) == n
+
+
+@needs_chromium
+def test_chromium_error_hook_catches_a_broken_script(smc, tmp_path):
+    """The no-error check can fail: a page with a failing script reports it in its error element."""
+    path = tmp_path / "broken.html"
+    page = smc.report().replace("</body>", "<script>undefinedFunction();</script><script>console.error('boom');</script></body>")
+    path.write_text(page, encoding="utf-8")
+    errors = page_errors(chromium(tmp_path, path, "--dump-dom").stdout)
+    assert "undefinedFunction" in errors and "console.error: boom" in errors
+
+
+@needs_chromium
+def test_chromium_batch_page(smc, mcmc, tmp_path):
+    path = tmp_path / "batch.html"
+    report.write(path, report.render_batch([(1, {"n": 2}, mcmc), (0, {"n": 1}, smc), (2, {"n": 3}, "row failed")]))
+    dom = chromium(tmp_path, path, "--dump-dom").stdout
+    assert 'data-lmprog-ready="1"' in dom and page_errors(dom) == ""
+    assert len(re.findall(r'data-role="batch-row"', dom)) == 3
+    assert re.findall(r'<section class="result" data-prefix="(row\d)"', dom) == ["row0", "row1"]  # in row order
+    assert len(re.findall(r'data-role="acceptance-bar"', dom)) == 3 and "row failed" in dom
+
+
+def png_rows(path) -> tuple[int, int, bytes]:
+    """``(width, height, the IDAT stream inflated)`` of a PNG (its filtered scanlines)."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width, height = 8, b"", 0, 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    return width, height, zlib.decompress(idat)
+
+
+def not_blank(path) -> bool:
+    """A screenshot with content: the filtered scanlines of a one-colour image hold a few byte values (0 and the
+    colour's bytes, whatever the PNG filter), those of a page with text and drawings nearly all 256 and many
+    bytes that are neither 0 nor 255."""
+    _, _, raw = png_rows(path)
+    values = np.frombuffer(raw, np.uint8)
+    distinct = len(np.unique(values))
+    busy = float(np.mean((values != 0) & (values != 255)))
+    return distinct >= 64 and busy > 0.005
+
+
+@needs_chromium
+def test_chromium_screenshot_is_not_blank(smc, tmp_path):
+    path = tmp_path / "r.html"
+    smc.report(path)
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, path, f"--screenshot={shot}", "--window-size=1100,1400")
+    width, height, _ = png_rows(shot)
+    assert (width, height) == (1100, 1400)
+    assert not_blank(shot)
+    # the check can fail: a blank page is blank
+    empty = tmp_path / "empty.html"
+    empty.write_text("<!DOCTYPE html><html><body style='background:#fff'></body></html>")
+    blank = tmp_path / "blank.png"
+    chromium(tmp_path, empty, f"--screenshot={blank}", "--window-size=1100,1400")
+    assert not not_blank(blank)
+
+
+def test_screenshot_in_docs_is_a_png():
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "img", "report.png")
+    assert png_rows(path)[0] > 0
