@@ -821,7 +821,7 @@ def _tick(v: float) -> str:
 
 
 def _short(v, limit: int = 80) -> str:
-    from lmprog.result import json_value
+    from lmprog.jsonvalues import json_value
 
     if isinstance(v, dict) and len(v) == 1:
         v = next(iter(v.values()))
@@ -830,7 +830,7 @@ def _short(v, limit: int = 80) -> str:
 
 
 def _json(v) -> str:
-    from lmprog.result import json_value
+    from lmprog.jsonvalues import json_value
 
     return json.dumps(json_value(v), ensure_ascii=False)
 

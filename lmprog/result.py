@@ -25,47 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from lmprog.inference.diagnostics import diagnostics
+from lmprog.jsonvalues import from_numpy, dumps, json_value
 from lmprog.inference.samples import tally
 
 __all__ = ["Result", "Sample", "dumps", "json_value"]
-
-
-def dumps(obj, indent: Optional[int] = None) -> str:
-    """Strict JSON of ``obj`` (``allow_nan=False``; the one JSON writer of results and batch records): a
-    non-finite number that got this far is a bug to report, never ``NaN`` in the output."""
-    return json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
-
-
-_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
-
-
-def _from_numpy(v):
-    """NumPy scalars and arrays as plain Python numbers and lists; anything else as it is."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        return v
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
-
-
-def json_value(v):
-    """A returned value as JSON can hold it: non-finite floats as the strings ``"NaN"``, ``"Infinity"``,
-    ``"-Infinity"``; NumPy scalars and arrays as plain numbers and lists; tuples as lists; dict keys as
-    strings; anything else JSON has no type for as its ``str()``."""
-    v = _from_numpy(v)
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else _NON_FINITE.get(v, "NaN")
-    if isinstance(v, dict):
-        return {str(k): json_value(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_value(x) for x in v]
-    return str(v)
 
 
 @dataclass
@@ -262,7 +225,7 @@ def _num(x):
 
 def _plain(v):
     """Statistics and strategy tables for JSON: plain Python values, non-finite numbers as None."""
-    v = _from_numpy(v)
+    v = from_numpy(v)
     if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

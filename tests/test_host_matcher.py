@@ -225,3 +225,23 @@ def test_samples_parse_and_validate():
     for s in r.samples:
         if s.log_weight > -math.inf:
             jsonschema.validate(json.loads(s.values["x"]), NESTED)
+
+
+def test_a_program_with_a_recursive_grammar_runs_end_to_end(tmp_path):
+    """From .lmp source: the checker accepts the recursive grammar, the hole takes the host path, every sample
+    parses with lark, and the posterior equals the enumeration of the lowered program (same LM)."""
+    from lmprog.compiler.lower import lower
+    from lmprog.program import Program
+
+    lm = parens_case()[0]
+    (tmp_path / "p.lark").write_text(PARENS)
+    src = 'infer smc(particles=64, ess=0.5)\n"[x]\\n" where grammar(x, "p.lark") and tokens(x) <= 5\nreturn x\n'
+    program = Program(src, "t.lmp", base_dir=tmp_path)
+    result = program.run(lm=lm, seed=4)
+    assert result.stats["constraint_paths"] == {"x": "host"}
+    parser = lark.Lark(PARENS)
+    for s in result.samples:
+        parser.parse(s.values["x"])
+    exact = enumerate_program(lm, lower(program, lm.tokenizer, {}, default_max_tokens=5).program).probs()
+    support = {lm.tokenizer.decode(list(seq)).split("\n")[0] for seq in exact}  # each sequence's value
+    assert result.posterior and {v["x"] for v, _ in result.posterior} <= support
