@@ -5,8 +5,7 @@
   :func:`vocab_index.token_transitions`, with and without state chunking (a small memory budget); the token
   classes (:func:`classes_from_columns`) and the EOS row (:func:`with_end_tokens`) against
   :func:`compress_columns` of the dense table;
-* :func:`bytedfa._refine` (Moore rounds over the states that can change) against :func:`bytedfa._moore`,
-  :func:`bytedfa.distinct_columns` against ``np.unique``, the level-wise :func:`bytedfa._bfs_order` against a
+* :func:`bytedfa.distinct_columns` against ``np.unique``, the level-wise :func:`bytedfa._bfs_order` against a
   FIFO queue;
 * :func:`constraints.build_hole_dfa` for text terminators against the per-state construction it replaced
   (:func:`_reference_text_hole`, kept here);
@@ -145,25 +144,6 @@ def _fifo_bfs(delta: np.ndarray, start: int) -> np.ndarray:
                 order.append(t)
         i += 1
     return np.array(order, np.int64)
-
-
-def _partition(cls: np.ndarray) -> set:
-    return {tuple(np.flatnonzero(cls == c).tolist()) for c in np.unique(cls)}
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.integers(1, 50), st.integers(1, 5), st.integers(1, 4), st.booleans(), st.integers(0, 2**31 - 1))
-def test_refine_equals_moore(n, k, labels, chain, seed):
-    rng = np.random.default_rng(seed)
-    reduced = rng.integers(-1, n, size=(n, k))
-    if chain:  # mostly a chain: one state splits off per round
-        reduced = np.where(rng.random((n, k)) < 0.8, np.minimum(np.arange(n)[:, None] + 1, n - 1), reduced)
-    init = rng.integers(0, labels, size=n).astype(np.int64)
-    fast = B._refine(reduced, init.copy())
-    assert _partition(fast) == _partition(B._moore(reduced, init.copy()))
-    assert fast.min() == 0 and fast.max() == len(_partition(fast)) - 1
-    _, first = np.unique(fast, return_index=True)
-    assert np.array_equal(np.sort(first), first)  # numbered by first state
 
 
 @settings(max_examples=60, deadline=None)

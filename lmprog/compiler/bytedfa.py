@@ -79,12 +79,6 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return (z ^ (z >> np.uint64(31))) | np.uint64(1)
 
 
-def _linear_hash(codes: np.ndarray, mult: np.ndarray, axis: int) -> np.ndarray:
-    """``sum(codes * mult)`` along ``axis`` in wrapping ``uint64`` (codes: small non-negative ints)."""
-    with np.errstate(over="ignore"):
-        return (codes.astype(np.uint64) * mult).sum(axis=axis, dtype=np.uint64)
-
-
 def distinct_columns(table: np.ndarray) -> np.ndarray:
     """Sorted indices of the first occurrence of each distinct column of ``table`` (``[n, k]`` ints): what
     ``np.unique(table, axis=1, return_index=True)[1]`` gives, sorted, by a hash of each column checked exactly
@@ -258,7 +252,7 @@ def minimize_labelled(dfa: ByteDFA, labels: np.ndarray | None = None) -> tuple[B
     # Bytes with equal columns behave alike in every round: refine on one column per byte class (a handful,
     # not 256), which is what keeps a long chain like `.{400,}` (hundreds of rounds) fast.
     reduced = trimmed.delta[:, distinct_columns(trimmed.delta)]
-    cls = _refine(reduced, cls)
+    cls = _moore(reduced, cls)
     count = int(cls.max()) + 1
     # Quotient, then renumber breadth-first from the start so the result is canonical.
     rep = np.zeros(count, np.int64)
@@ -275,7 +269,8 @@ def minimize_labelled(dfa: ByteDFA, labels: np.ndarray | None = None) -> tuple[B
 
 
 def _moore(reduced: np.ndarray, cls: np.ndarray) -> np.ndarray:
-    """Moore's partition refinement, every state every round (the reference for :func:`_refine`)."""
+    """Moore's partition refinement, every state every round, until no class splits: the coarsest partition
+    refining ``cls`` that is stable under ``reduced`` (``[n, k]``, ``-1`` dead)."""
     count = int(cls.max()) + 1
     while True:
         succ = np.where(reduced >= 0, cls[np.maximum(reduced, 0)], -1)
@@ -285,87 +280,6 @@ def _moore(reduced: np.ndarray, cls: np.ndarray) -> np.ndarray:
         if new_count == count:
             return cls
         count = new_count
-
-
-def _refine(reduced: np.ndarray, cls: np.ndarray) -> np.ndarray:
-    """The coarsest partition of the states that refines ``cls`` (``[n]`` class ids) and is stable under the
-    transitions ``reduced`` (``[n, k]``, ``-1`` dead): what :func:`_moore` computes, in the same rounds, but
-    each round recomputes only the states that can change — the predecessors of the states that moved in the
-    last round (a chain like ``[^"]{0,40}`` splits one state per round: rounds cost their few states, not the
-    whole automaton). A state's signature is a hash of its successors' classes; all members of a class share
-    the class's hash (``class_h``), and an affected state whose hash differs moves to a new class, one per
-    (class, hash). The result is checked exactly (a hash collision, never seen in practice, falls back to
-    :func:`_moore`). Returns ids ``0 .. C-1`` (numbered by first state)."""
-    n, k = reduced.shape
-    init = cls
-    mult = _mix(np.arange(k) + (1 << 32))
-    live = reduced >= 0
-    src = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], reduced.shape)[live]
-    dst = reduced[live].astype(np.int64)
-    order = np.argsort(dst, kind="stable")
-    preds, ptr = src[order], np.searchsorted(dst[order], np.arange(n + 1))
-
-    def sig_hash(states: np.ndarray) -> np.ndarray:
-        succ = reduced[states]
-        return _linear_hash(np.where(succ >= 0, cls[np.maximum(succ, 0)] + 2, 1), mult, axis=1)
-
-    cls = np.asarray(cls, np.int64).copy()
-    count = int(cls.max()) + 1
-    size = np.bincount(cls, minlength=count)
-    class_h = np.zeros(count, np.uint64)
-    states = np.arange(n, dtype=np.int64)
-    h = sig_hash(states)  # first round: every class takes the hash of its first member
-    _, lead = np.unique(cls, return_index=True)
-    class_h[cls[lead]] = h[lead]
-    while True:
-        c = cls[states]
-        move = h != class_h[c]
-        movers, mh, mc = states[move], h[move], c[move]
-        if not movers.size:
-            break
-        order = np.lexsort((mh, mc))
-        movers, mh, mc = movers[order], mh[order], mc[order]
-        start = np.ones(movers.size, bool)
-        start[1:] = (mc[1:] != mc[:-1]) | (mh[1:] != mh[:-1])
-        group = np.cumsum(start) - 1
-        # A class all of whose members move keeps its id for its first group (else it would only be renamed).
-        first_of_class = np.ones(movers.size, bool)
-        first_of_class[1:] = mc[1:] != mc[:-1]
-        whole = np.bincount(mc, minlength=count) == size
-        keeps = whole[mc] & (group == group[np.maximum.accumulate(np.where(first_of_class, np.arange(movers.size), 0))])
-        n_groups = int(group[-1]) + 1
-        gid = count + np.arange(n_groups, dtype=np.int64)
-        gh = mh[start]
-        kept_group = np.unique(group[keeps])
-        gid[kept_group] = mc[start][kept_group]
-        class_h[mc[start][kept_group]] = gh[kept_group]
-        fresh = np.ones(n_groups, bool)
-        fresh[kept_group] = False
-        class_h = np.concatenate([class_h, np.zeros(n_groups, np.uint64)])
-        class_h[gid[fresh]] = gh[fresh]
-        moved = ~keeps
-        movers = movers[moved]
-        np.subtract.at(size, mc[moved], 1)
-        size = np.concatenate([size, np.zeros(n_groups, np.int64)])
-        cls[movers] = gid[group[moved]]
-        np.add.at(size, cls[movers], 1)
-        count += n_groups
-        if not movers.size:
-            break
-        # The states that may change next: predecessors of the states that moved.
-        states = np.unique(preds[gather_ranges(ptr, movers)])
-        h = sig_hash(states)
-    _, first, cls = np.unique(cls, return_index=True, return_inverse=True)
-    rank = np.empty(first.size, np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
-    cls = rank[cls.reshape(-1)]
-    # Exact check: stable (equal successor classes within a class) and a refinement of the initial classes.
-    succ = np.where(reduced >= 0, cls[np.maximum(reduced, 0)], -1)
-    sig = np.concatenate([init[:, None], succ], axis=1)
-    rep = np.sort(first)  # first state of each class, in class order
-    if not np.array_equal(sig[rep[cls]], sig):
-        return _moore(reduced, np.asarray(init, np.int64))
-    return cls
 
 
 def _row_classes(rows: np.ndarray) -> np.ndarray:
