@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmprog.automata.kmp import kmp_table
 from lmprog.backends.tokenizer import byte_tokenizer
 from lmprog.compiler import bytedfa as B
 from lmprog.compiler import constraints as K
@@ -168,7 +169,7 @@ def _reference_text_hole(content: B.ByteDFA, term: K.Terminator, track_chars: bo
     n = cdfa.num_states
     t = term.text.encode("utf-8")
     m = len(t)
-    kmp = K._kmp(t)
+    kmp = kmp_table(t)
     delta = cdfa.delta
     pref = np.full((n, m + 1), -1, np.int64)
     pref[:, 0] = np.arange(n)

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmprog.automata.kmp import kmp_table
+
 from lmprog.automata.counters import TOKENS
 from lmprog.automata.table import DISALLOWED, TokenTable
 
@@ -118,13 +120,7 @@ def _terminator_tables(token_bytes: Sequence[bytes], special: frozenset, t: byte
     (they complete ``t`` exactly at their last byte: the hole ends with this token) and ``after [m, V]`` (the
     pending bytes after the token otherwise). Vectorised over tokens, byte position by byte position."""
     m, v = len(t), len(token_bytes)
-    kmp = np.zeros((m, 256), np.int64)
-    kmp[0, t[0]] = 1
-    x = 0
-    for k in range(1, m):
-        kmp[k] = kmp[x]
-        kmp[k, t[k]] = k + 1
-        x = int(kmp[x, t[k]])
+    kmp = kmp_table(t).astype(np.int64)
     lens = np.array([0 if i in special else len(b) for i, b in enumerate(token_bytes)], np.int64)
     width = int(lens.max(initial=1))
     arr = np.zeros((v, width), np.int64)

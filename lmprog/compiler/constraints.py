@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from lmprog.automata.counters import CHARS, INF, TOKENS, WORDS
+from lmprog.automata.kmp import kmp_table
 from lmprog.automata.values import ValueRule, generated_bytes
 from lmprog.compiler import counters as C
 from lmprog.compiler.automaton import Automaton, path_lengths
@@ -317,16 +318,6 @@ class HoleDFA:
     labels: np.ndarray
 
 
-def _kmp(t: bytes) -> np.ndarray:
-    m = len(t)
-    table = np.zeros((m, 256), np.int32)
-    table[0, t[0]] = 1
-    x = 0
-    for k in range(1, m):
-        table[k] = table[x]
-        table[k, t[k]] = k + 1
-        x = int(table[x, t[k]])
-    return table
 
 
 def _with_tracker(content: ByteDFA, track_words: bool) -> tuple[ByteDFA, np.ndarray]:
@@ -363,7 +354,7 @@ def build_hole_dfa(content: ByteDFA, term: Terminator, track_chars: bool, track_
 
     t = term.text.encode("utf-8")
     m = len(t)
-    kmp = _kmp(t)
+    kmp = kmp_table(t)
     delta = cdfa.delta
     pref = np.full((n, m + 1), -1, np.int64)  # content state after committing t[:j]
     pref[:, 0] = np.arange(n)

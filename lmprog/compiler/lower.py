@@ -459,10 +459,21 @@ class Lowering:
     # ---- statements -----------------------------------------------------------------------------------
 
     def s_Template(self, s: A.Template, scope, guard, loop_index):
-        items = self.template_parts(s.parts, scope, guard, True)
+        def on_hole(k, hole, following, scope):
+            scope, consumed = self.hole(hole.name, hole, s.where, following, scope, guard, loop_index)
+            return scope, len(following) if consumed else 0
+
+        return self.emit_parts(self.template_parts(s.parts, scope, guard, True), scope, guard, on_hole)
+
+    def emit_parts(self, items, scope, guard, on_hole, pieces=None):
+        """Emit a template's items in order: text (less the characters the hole before it consumed as its
+        terminator), interpolations, and holes through ``on_hole(k, hole, following, scope) -> (scope,
+        consumed characters)``. ``pieces`` (a chat turn's) collects the text and interpolations."""
         skip = 0
-        for item in items:
+        for k, item in enumerate(items):
             if item[0] == "text":
+                if pieces is not None:
+                    pieces.append(item)
                 text = item[1]
                 if skip:
                     cut = min(skip, len(text))
@@ -470,12 +481,13 @@ class Lowering:
                 if text:
                     self.add_text(text, guard)
             elif item[0] == "dyn":
+                if pieces is not None:
+                    pieces.append(("expr", *item[1]))
                 skip = 0
                 self.add_text(item[1], guard)
             else:
                 _, hole, following = item
-                scope, consumed = self.hole(hole.name, hole, s.where, following, scope, guard, loop_index)
-                skip = len(following) if consumed else 0
+                scope, skip = on_hole(k, hole, following, scope)
         return scope
 
     def s_Turn(self, s: A.Turn, scope, guard, loop_index):
@@ -494,35 +506,26 @@ class Lowering:
             self.check_encodable(turn.header, s.role_span)
             self.add_text(turn.header, guard)
         items = self.template_parts(s.parts, scope, guard, True)
-        tail, skip = turn.tail, 0
+        tail = turn.tail
         pieces: list = []
         self.turns.append((s.role, pieces))
-        for k, item in enumerate(items):
-            if item[0] == "text":
-                pieces.append(item)
-                text = item[1]
-                if skip:
-                    cut = min(skip, len(text))
-                    text, skip = text[cut:], skip - cut
-                if text:
-                    self.add_text(text, guard)
-            elif item[0] == "dyn":
-                pieces.append(("expr", *item[1]))
-                skip = 0
-                self.add_text(item[1], guard)
-            else:
-                _, hole, following = item
-                ends_turn = k == len(items) - 1
-                end_token = turn.end_token if ends_turn and s.role == "assistant" else None
-                if ends_turn and end_token is None:
-                    following = tail  # the turn's literal end terminates the hole
-                scope, consumed = self.hole(hole.name, hole, s.where, following, scope, guard, loop_index,
-                                            end_token=end_token)
-                pieces.append(("hole", scope[hole.name].value))
-                skip = len(following) if consumed else 0
-                if ends_turn:
-                    ended = end_token is not None and self.last_terminator.kind == "eos"
-                    tail = tail[len(turn.end_text):] if ended else tail[skip:]
+
+        def on_hole(k, hole, following, scope):
+            nonlocal tail
+            ends_turn = k == len(items) - 1
+            end_token = turn.end_token if ends_turn and s.role == "assistant" else None
+            if ends_turn and end_token is None:
+                following = tail  # the turn's literal end terminates the hole
+            scope, consumed = self.hole(hole.name, hole, s.where, following, scope, guard, loop_index,
+                                        end_token=end_token)
+            pieces.append(("hole", scope[hole.name].value))
+            skip = len(following) if consumed else 0
+            if ends_turn:
+                ended = end_token is not None and self.last_terminator.kind == "eos"
+                tail = tail[len(turn.end_text):] if ended else tail[skip:]
+            return scope, skip
+
+        scope = self.emit_parts(items, scope, guard, on_hole, pieces)
         if tail:
             self.add_text(tail, guard)
         return scope
