@@ -7,6 +7,8 @@ prints a Python traceback for a user error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 
@@ -244,7 +246,29 @@ def _cell(v) -> str:
     return json.dumps(v, ensure_ascii=False)
 
 
+@contextlib.contextmanager
+def _kernel_prefetch(args):
+    """Load, in the background, the kernel executables the last run of this very command used
+    (:mod:`lmprog.inference.prefetch`), and remember this run's for the next one."""
+    from lmprog.inference import prefetch
+
+    options = {k: v for k, v in sorted(vars(args).items()) if k != "func"}
+    tag = repr((os.getcwd(), os.path.abspath(args.file), options))
+    prefetch.start(tag)
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        prefetch.remember(tag) if done else prefetch.stop()
+
+
 def _cmd_run(args) -> int:
+    with _kernel_prefetch(args):
+        return _run_command(args)
+
+
+def _run_command(args) -> int:
     from rich.console import Console
 
     from lmprog.program import load

@@ -127,3 +127,41 @@ def test_the_folder_is_trimmed_to_its_budget(cache_dir, monkeypatch):
     assert len(list((cache_dir / "kernels").glob("scale-*.bin"))) <= 1
 
 
+
+
+PREFETCH_SCRIPT = r"""
+import json, sys
+import lmprog
+from lmprog.backends.tiny import tiny_model
+from lmprog.inference import aot, kernel, prefetch
+queued = prefetch.start("test-tag")
+lm = tiny_model(seed=4, n_layers=2)
+prog = lmprog.compile('infer smc(particles=6, ess=0.9)\n"ab[x] c[y]" where x in ["a", "bb", "c"] and len(y) <= 3\n'
+                      'return x + y\n', "t.lmp")
+r = prog.run(lm=lm, seed=3)
+prefetch.remember("test-tag")
+print(json.dumps({"queued": queued, "taken": prefetch.TAKEN, "traces": sum(kernel.TRACE_COUNTS.values()),
+                  "loads": sum(aot.LOADS.values()), "samples": json.loads(r.to_json())["samples"]}))
+"""
+
+
+def test_the_next_process_prefetches_what_the_last_one_used_and_gets_the_same_result(tmp_path):
+    def run():
+        e = {**os.environ, "LMPROG_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+        e.pop("LMPROG_NO_KERNEL_CACHE", None)
+        out = subprocess.run([sys.executable, "-c", PREFETCH_SCRIPT], capture_output=True, text=True, env=e,
+                             timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["queued"] == 0 and first["taken"] == 0 and first["traces"] > 0
+    (index,) = (tmp_path / "kernels" / "recent").glob("*.json")
+    names = json.loads(index.read_text())
+    assert names and all((tmp_path / "kernels" / n).is_file() for n in names)
+    second = run()
+    assert second["queued"] == len(names) and second["taken"] == len(names) == second["loads"]
+    assert second["traces"] == 0 and second["samples"] == first["samples"]
+    (tmp_path / "kernels" / names[0]).write_bytes(b"damaged")  # a damaged file: loaded the usual way (recompiled)
+    third = run()
+    assert third["taken"] == len(names) - 1 and third["samples"] == first["samples"]

@@ -42,6 +42,7 @@ import numpy as np
 from jax.experimental import serialize_executable
 
 from lmprog.backends.jax_setup import cache_dir
+from lmprog.inference import prefetch
 
 __all__ = ["DiskJit", "LOADS", "clear", "enabled"]
 
@@ -154,11 +155,17 @@ class DiskJit:
 
     def _load_or_compile(self, sig, args, kwargs):
         path = self._path(sig)
+        prefetch.used(path)
+        compiled = prefetch.take(path, sig[0])
+        if compiled is not None:
+            _touch(path)
+            LOADS[self.name] += 1
+            return compiled
         if path.is_file():
             try:
                 payload, out_tree = pickle.loads(path.read_bytes())
                 compiled = serialize_executable.deserialize_and_load(payload, sig[0], out_tree)
-                os.utime(path)  # least recently used goes first when trimming
+                _touch(path)
                 LOADS[self.name] += 1
                 return compiled
             except Exception:  # damaged, or written by an incompatible build: compile again
@@ -173,6 +180,14 @@ class DiskJit:
             return compiled
         _write(path, blob)
         return compiled
+
+
+def _touch(path: Path) -> None:
+    """Least recently used entries go first when trimming."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _compile_afresh(lowered):
