@@ -7,7 +7,10 @@ Three configurations, alternated ``--repeat`` times so that machine load hits th
 * ``xla-cache-only``: the model file parsed again and every kernel traced and lowered, its executable from JAX's
   persistent compilation cache (what 0.1 did: ``LMPROG_NO_MODEL_CACHE=1 LMPROG_NO_KERNEL_CACHE=1``);
 * ``model-cache``: the parsed model from lmprog's model cache, kernels as above;
-* ``all-caches``: the model cache and the kernels' executables loaded from disk (no trace, no lowering).
+* ``no-prefetch``: the model cache and the kernels' executables loaded from disk (no trace, no lowering), one
+  after the other when the engine asks for them (the record of the last run's executables deleted first);
+* ``all-caches``: as ``no-prefetch``, but the executables the last run of the same command used are
+  deserialized in a background thread from the start of the process (``lmprog/inference/prefetch.py``).
 
 Every configuration runs once first to fill its caches (not timed). Reported per configuration (median over the
 repeats): the process's wall time; inside the run (``stats``): the engine's compile time (tracing, lowering and
@@ -23,21 +26,30 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from lmprog.paths import cache_dir
+
 ROOT = Path(__file__).resolve().parents[1]
+
 CONFIGS = {
     "xla-cache-only": {"LMPROG_NO_MODEL_CACHE": "1", "LMPROG_NO_KERNEL_CACHE": "1"},
     "model-cache": {"LMPROG_NO_KERNEL_CACHE": "1"},
+    "no-prefetch": {},
     "all-caches": {},
 }
+FORGET_RECENT = {"no-prefetch"}
 
 
-def run_once(program: str, env: dict) -> dict:
+def run_once(program: str, name: str) -> dict:
+    env = CONFIGS[name]
+    if name in FORGET_RECENT:
+        shutil.rmtree(cache_dir() / "kernels" / "recent", ignore_errors=True)
     e = {k: v for k, v in os.environ.items() if k not in ("LMPROG_NO_MODEL_CACHE", "LMPROG_NO_KERNEL_CACHE")}
     e.update(env)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -63,11 +75,11 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}; {args.program}")
     for name in args.configs:  # fill the caches
-        run_once(args.program, CONFIGS[name])
+        run_once(args.program, name)
     rows = {name: [] for name in args.configs}
     for _ in range(args.repeat):
         for name in args.configs:
-            rows[name].append(run_once(args.program, CONFIGS[name]))
+            rows[name].append(run_once(args.program, name))
     print(f"{'configuration':<16} {'wall s':>7} {'cpu s':>7} {'compile s':>10} {'run s':>7} {'outside s':>10}")
     for name, runs in rows.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

@@ -260,7 +260,10 @@ def _kernel_prefetch(args):
         yield
         done = True
     finally:
-        prefetch.remember(tag) if done else prefetch.stop()
+        if done:
+            prefetch.remember(tag)
+        else:
+            prefetch.stop()
 
 
 def _cmd_run(args) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax
 import numpy as np
+
+from lmprog.paths import cache_dir  # noqa: F401 (re-exported: the caches beside the JAX settings)
 
 _done = False
 
@@ -18,11 +19,6 @@ def to_device(x, dtype=None) -> jax.Array:
     a = np.asarray(x, dtype)
     want = jax.dtypes.canonicalize_dtype(a.dtype)  # float64 -> float32 unless x64 is on, as jnp.asarray does
     return jax.device_put(a if a.dtype == want else a.astype(want))
-
-
-def cache_dir() -> Path:
-    """Root of lmprog's on-disk caches (``$LMPROG_CACHE_DIR``, else ``~/.cache/lmprog``)."""
-    return Path(os.environ.get("LMPROG_CACHE_DIR") or Path.home() / ".cache" / "lmprog")
 
 
 def enable_compilation_cache() -> None:

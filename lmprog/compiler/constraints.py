@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from lmprog import paths
 from lmprog.automata.counters import CHARS, INF, TOKENS, WORDS
 from lmprog.automata.kmp import kmp_table
 from lmprog.automata.values import ValueRule, generated_bytes
@@ -691,8 +692,7 @@ def _compile_bounded(plan: HolePlan, info: VocabInfo, name: str, loc):
 
 def cache_dir() -> Path:
     """``$LMPROG_CACHE_DIR/automata``, else ``~/.cache/lmprog/automata``."""
-    root = os.environ.get("LMPROG_CACHE_DIR") or Path.home() / ".cache" / "lmprog"
-    return Path(root) / "automata"
+    return paths.cache_dir() / "automata"
 
 
 _MEMORY: dict[str, tuple] = {}

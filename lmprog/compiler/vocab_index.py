@@ -31,6 +31,7 @@ import numpy as np
 from lmprog.compiler.bytedfa import gather_ranges
 from lmprog.compiler.counters import word_tracker
 from lmprog.compiler.regex_compile import MAX_TABLE_ENTRIES, RegexLimitError, limit_reason
+from lmprog.paths import cache_dir
 
 _PAIR_BUDGET = 4_000_000  # (state, token) pairs processed at once
 #: Most int32 entries of the transformation table (distinct transformations x states of a chunk) held at once
@@ -90,8 +91,6 @@ def vocab_info(tokenizer) -> VocabInfo:
 
 
 def _vocab_path(fingerprint: str) -> Path:
-    from lmprog.backends.jax_setup import cache_dir
-
     here = Path(__file__).resolve()
     source = b"".join((here.parent / f).read_bytes() for f in ("vocab_index.py", "counters.py"))
     return cache_dir() / "vocab" / f"{fingerprint}-{hashlib.sha256(source).hexdigest()[:16]}.npz"
