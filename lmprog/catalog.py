@@ -69,22 +69,30 @@ MCMC_MOVES = ("suffix", "independent")
 COMMON_OPTIONS: tuple[Param, ...] = (
     Param("max_tokens", "int", 256, low=1),
     Param("temperature", "float", 1.0, low=0, open_low=True),
+    # Exact enumeration of small finite holes (lmprog.inference.enumeration); false: every hole token by token.
+    Param("enumerate", "bool", False),
     Param("seed", "int", 0, low=0, high=2**32 - 1),  # as runner.SEED_RANGE (JAX keeps 32 bits of a seed)
 )
 
 _M = "lmprog.inference.strategies."
 
+#: ``lookahead=k``: the one-step lookahead to a hole's end for ``k`` ending candidates per history (0: off;
+#: lmprog/inference/lookahead.py; where it pays: docs/performance.md, "Lookahead").
+_LOOKAHEAD = Param("lookahead", "int", 0, low=0, high=64)
+
 #: Every strategy, by name, in the order documentation and messages list them.
 CATALOG: dict[str, StrategySpec] = {s.name: s for s in (
     StrategySpec("sample", (Param("n", "int", 1, low=1),), False, "n", _M + "sampling"),
     StrategySpec("greedy", (), False, None, _M + "greedy"),
-    StrategySpec("importance", (Param("particles", "int", 16, low=1),), True, "particles", _M + "importance"),
+    StrategySpec("importance", (Param("particles", "int", 16, low=1), _LOOKAHEAD), True, "particles",
+                 _M + "importance"),
     StrategySpec("smc", (Param("particles", "int", 16, low=1), Param("ess", "float", 0.5, low=0, high=1),
                          Param("resample", "str", "systematic", choices=RESAMPLER_NAMES),
-                         Param("rejuvenate", "int", 0, low=0)), True, "particles", _M + "smc"),
+                         Param("rejuvenate", "int", 0, low=0), _LOOKAHEAD), True, "particles", _M + "smc"),
     StrategySpec("beam", (Param("width", "int", 4, low=1),), False, "width", _M + "beam"),
     StrategySpec("best_of", (Param("n", "int", 8, low=1), Param("score", "expr")), False, "n", _M + "best_of"),
-    StrategySpec("vote", (Param("n", "int", 8, low=1), Param("key", "expr")), False, "n", _M + "vote"),
+    StrategySpec("vote", (Param("n", "int", 8, low=1), Param("key", "expr"), Param("weighted", "bool", True)), False,
+                 "n", _M + "vote"),
     StrategySpec("mcmc", (Param("steps", "int", 100, low=1), Param("chains", "int", 4, low=1),
                           Param("burn_in", "int", 0, low=0), Param("move", "str", "suffix", choices=MCMC_MOVES),
                           Param("particles", "int", 8, low=1)), True, "chains", _M + "mcmc"),

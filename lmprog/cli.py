@@ -92,7 +92,8 @@ class _UsageError(Exception):
 def _run_options(args) -> dict:
     return dict(particles=args.particles, seed=args.seed, strategy=args.strategy, max_tokens=args.max_tokens,
                 temperature=args.temperature, model=args.model, memory_limit=args.memory_limit,
-                host_timeout=args.host_timeout)
+                host_timeout=args.host_timeout, devices=args.devices, model_devices=args.model_devices,
+                enumerate_holes=True if getattr(args, "enumerate", False) else None)
 
 
 def _engine_options(args) -> dict:
@@ -102,11 +103,12 @@ def _engine_options(args) -> dict:
 
 def _check_run_options(program, args) -> None:
     """Bad options exit 2 before the model loads or any output file is touched."""
-    from lmprog.runner import check_options
+    from lmprog.runner import check_devices, check_options
 
     opts = _engine_options(args)
     check_options(program, **{k: opts[k] for k in ("particles", "seed", "strategy", "max_tokens", "temperature",
                                                    "host_timeout")})
+    check_devices(opts["devices"], opts["model_devices"])
 
 
 def _check_out_path(path: str, protected: list[str], option: str = "--out") -> None:
@@ -217,6 +219,11 @@ def _print_result(console, result, path: str) -> None:
             if diag.get("r_hat") is not None and diag["r_hat"] > 1.1 else ""
         console.print(f"MCMC: acceptance {acc_text}   R-hat = {fmt(diag.get('r_hat'))}   "
                       f"ESS = {fmt(diag.get('ess'))}{warn}")
+    enumerated = st.get("enumerated")
+    if enumerated:  # holes generated exactly (lmprog.inference.enumeration)
+        parts = [f"{k} ({v['paths']} paths{', exact posterior' if v.get('rao_blackwellized') else ''})"
+                 for k, v in enumerated.items()]
+        console.print("enumerated exactly: " + ", ".join(parts))
     rj = result.extra.get("rejuvenation")
     if rj:
         acc = rj.get("acceptance")
@@ -289,8 +296,22 @@ def _run_command(args) -> int:
     model = args.model or program.model or program.default_model
     with console.status(f"loading {model} ...") if not args.json else _null():
         lm = get_model(model)
+    failure = None
     with _progress_runner(console, not args.json) as progress:
-        result = run_program(program, sets, from_text=True, lm=lm, progress=progress, **_engine_options(args))
+        try:
+            result = run_program(program, sets, from_text=True, lm=lm, progress=progress, **_engine_options(args))
+        except Exception as exc:  # every particle died (or user code failed for all): --report still says why
+            if not (args.report and _is_runtime_failure(exc)):
+                raise
+            failure = exc
+    if failure is not None:
+        from lmprog import report
+
+        from lmprog.result import Result
+
+        _write_report(console, args.report, report.render_failure(
+            failure, result=Result.from_failure(failure, sets), program=program))
+        raise failure  # main() reports it: the exit status and message are those of any failed run
     text = result.to_json()
     if args.json:
         sys.stdout.write(text + "\n")
@@ -331,9 +352,54 @@ def _null():
 
 
 def _cmd_batch(args) -> int:
+    """``lmprog batch``: every row; with several processes (``--num-processes``, :mod:`lmprog.distributed`) this
+    process's share of the rows into its part file, then, on process 0, every part merged into ``--out`` in input
+    order (the rows of a process that failed get error records)."""
+    import json
+
+    from lmprog import distributed
+
+    opts = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+    if opts is not None and opts[1] != 1:
+        if not args.out:
+            raise _UsageError("several processes (--num-processes) need --out: each writes its rows to a part "
+                              "file beside it, and process 0 merges them into it")
+        if args.report:
+            raise _UsageError("--report is not available with several processes (--num-processes)")
+    procs = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if procs.count == 1:
+        return _batch(args, procs)
+    try:
+        status = _batch(args, procs)
+    except Exception as exc:  # noqa: BLE001 - reported here; process 0 reports this process's rows
+        status, message = _failure(exc)
+        print(f"process {procs.index}: {message}", file=sys.stderr)
+    live = distributed.wait_for_peers(procs)  # every live process has written its part
+    distributed.leave(procs)
+    if procs.index != 0:
+        return status
+    try:
+        with open(args.inputs, encoding="utf-8") as f:
+            rows, bad, _ = _parse_rows(f.read().splitlines(), args.inputs)
+    except (OSError, UnicodeDecodeError):
+        return status  # every process failed reading them, and said so
+    lines = {n: line for n, line, _ in rows} | {n: line for n, line, _ in bad}
+    missing = distributed.merge_parts(args.out, procs, lines, live)
+    with open(args.out, encoding="utf-8") as f:
+        kinds = [json.loads(line).get("error_kind", "ok") for line in f if line.strip()]
+    n_ok = kinds.count("ok")
+    print(f"{n_ok}/{len(kinds)} rows ok over {procs.count} processes -> {args.out}"
+          + (f"; {len(missing)} row{'s' if len(missing) != 1 else ''} not written by their process (see the records)" if missing else ""),
+          file=sys.stderr)
+    return 1 if "run" in kinds else 2 if "input" in kinds else status
+
+
+def _batch(args, procs) -> int:
     import contextlib
 
     from rich.console import Console
+
+    from lmprog import distributed
 
     from lmprog.program import load
     from lmprog.runner import get_model, iter_batch
@@ -358,7 +424,12 @@ def _cmd_batch(args) -> int:
         console.print(f"skipped {len(blank)} blank line{'s' if len(blank) != 1 else ''} of {args.inputs} "
                       f"(line{'s' if len(blank) != 1 else ''} {shown})", highlight=False)
     total = len(rows) + len(bad)
-    done = _done_rows(args.out, rows, total, console) if args.resume else {}
+    out_path = args.out
+    if procs.count > 1:  # this process's share of the rows, into its own part file
+        rows, bad = [r for r in rows if procs.mine(r[0])], [b for b in bad if procs.mine(b[0])]
+        out_path = distributed.part_path(args.out, procs)
+    share = len(rows) + len(bad)
+    done = _done_rows(out_path, rows, total, console) if args.resume else {}
     if done:
         console.print(f"resuming: {len(done)}/{total} rows already in {args.out}", highlight=False)
     model = args.model or program.model or program.default_model
@@ -375,7 +446,7 @@ def _cmd_batch(args) -> int:
         per_row = max(5, min(report.MAX_ROWS, report.BATCH_ROW_BUDGET // max(len(rows) + len(bad), 1)))
     todo = [r for r in rows if r[0] not in done]
     try:
-        with (open(args.out, "a" if args.resume else "w", encoding="utf-8") if args.out
+        with (open(out_path, "a" if args.resume else "w", encoding="utf-8") if args.out
               else contextlib.nullcontext(sys.stdout)) as out:
             def write(record: dict, kind: str) -> None:
                 nonlocal written
@@ -419,7 +490,7 @@ def _cmd_batch(args) -> int:
                       + ("; run the same command with --resume to finish" if args.out else ""), highlight=False)
         return 130
     if args.out:
-        _sort_records(args.out)
+        _sort_records(out_path)
     report_status = 0
     if args.report:
         from lmprog import report
@@ -431,8 +502,8 @@ def _cmd_batch(args) -> int:
             title=f"lmprog batch report — {args.file} ({args.inputs})"))
     failed = {k for k in kinds.values() if k != "ok"}
     n_failed = sum(1 for k in kinds.values() if k != "ok")
-    console.print(f"{len(kinds) - n_failed}/{total} rows ok" + (f" -> {args.out}" if args.out else ""),
-                  highlight=False)
+    console.print(f"{len(kinds) - n_failed}/{share} rows ok" + (f" -> {out_path}" if args.out else "")
+                  + (f" (process {procs.index} of {procs.count})" if procs.count > 1 else ""), highlight=False)
     return 1 if "run" in failed else 2 if failed else report_status
 
 
@@ -579,12 +650,21 @@ def _add_run_options(p) -> None:
     p.add_argument("--max-tokens", dest="max_tokens", type=_positive_int, default=None)
     p.add_argument("--temperature", type=_positive_float, default=None)
     p.add_argument("--model", default=None, help="a registered model name, a .gguf file or a HF folder")
+    p.add_argument("--enumerate", dest="enumerate", action="store_true",
+                   help="generate small finite holes (choice lists, bounded regexes) by exact enumeration under "
+                        "importance/smc/mcmc/particle_gibbs (default: token by token); stats list them")
     p.add_argument("--memory-limit", dest="memory_limit", type=_memory_size, default=None, metavar="SIZE",
                    help="memory a run may use beyond the loaded model, e.g. 4G (default: what the device has free); "
                         "a run that needs more runs in waves of fewer particles, or stops with exit 2")
     p.add_argument("--host-timeout", dest="host_timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="seconds one call into the program's Python code may take (default 30; 0: no limit); "
                         "a call that takes longer stops the run with an error naming it")
+    p.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+                   help="local devices (GPUs, TPU cores) the particles are sharded over (default: all local devices "
+                        "that divide the particle count; see docs/devices.md)")
+    p.add_argument("--model-devices", dest="model_devices", type=_positive_int, default=1, metavar="M",
+                   help="devices each particle shard's weights are split over (tensor parallel, for models that do "
+                        "not fit one device; N x M devices in all)")
 
 
 def _memory_size(text: str) -> int:
@@ -624,6 +704,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, metavar="OUT.html",
                    help="also write an HTML report: a summary of every row and a section per row")
     _add_run_options(p)
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several processes (jax.distributed): the address of process 0 (default: "
+                        "$JAX_COORDINATOR_ADDRESS); each process runs every K-th row into OUT.partIofK, process 0 "
+                        "merges them into --out in input order")
+    p.add_argument("--num-processes", dest="num_processes", type=_positive_int, default=None, metavar="K",
+                   help="processes running the batch (default: $JAX_NUM_PROCESSES, or JAX's cluster detection)")
+    p.add_argument("--process-id", dest="process_id", type=int, default=None, metavar="I",
+                   help="this process's number, 0 to K-1 (default: $JAX_PROCESS_ID, or JAX's cluster detection)")
     p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("models", help="list the registered models and where they are installed")

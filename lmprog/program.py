@@ -39,6 +39,7 @@ class Program:
         holes: ``{name: HoleSpec(name, constraint, loop_depth, conditional)}`` in order of first definition.
         hole_definitions: every hole definition (a name defined in several ``if`` branches appears once per branch).
         model: the ``model`` statement's name, or None (the runtime uses ``default_model``).
+        models: ``{alias: ModelSpec(alias, name)}``: the second models (``model judge = "..."``).
         strategy: the checked ``infer`` statement (``StrategySpec(name, args)``), or None for the default.
         imports: ``{alias: ImportSpec(alias, path, names)}``.
         functions: the ``functions=`` callables.
@@ -70,6 +71,7 @@ class Program:
         self.hole_definitions: tuple[HoleSpec, ...] = checked.hole_definitions
         self.imports: dict[str, ImportSpec] = checked.imports
         self.model: Optional[str] = checked.model
+        self.models: dict = checked.models  # alias -> ModelSpec of each `model alias = "..."` (judges)
         self.strategy: Optional[StrategySpec] = checked.strategy
         self.returns: tuple[tuple[str, A.Expr], ...] = checked.returns
         self.base_dir: Optional[Path] = checked.base_dir  # relative grammar / json paths (the lowering reads them)
@@ -82,7 +84,9 @@ class Program:
     def run(self, inputs: Optional[Mapping] = None, /, *, particles: Optional[int] = None,
             seed: Optional[int] = None, strategy=None, max_tokens: Optional[int] = None,
             temperature: Optional[float] = None, model: Optional[str] = None, lm=None, progress=None,
-            memory_limit=None, host_timeout: Optional[float] = None, **kwargs):
+            memory_limit=None, host_timeout: Optional[float] = None, devices: Optional[int] = None,
+            model_devices: int = 1, models: Optional[Mapping] = None, enumerate_holes: Optional[bool] = None,
+            **kwargs):
         """Run the program: ``program.run(country="Japan", particles=32, seed=1) -> Result``.
 
         Inputs are keyword arguments (or a dict as the first argument); ``particles`` overrides the strategy's
@@ -93,7 +97,12 @@ class Program:
         bytes (or ``"4G"``) the run may use beyond the loaded model (default: the device's free memory): a run
         that needs more runs in waves of fewer particles when its strategy allows, else raises
         :class:`lmprog.inference.memory.MemoryPlanError` saying how many particles fit; ``host_timeout``
-        the seconds each call into the program's Python code may take (default 30; 0: no limit).
+        the seconds each call into the program's Python code may take (default 30; 0: no limit); ``devices``
+        the local devices the particles are sharded over (default: as many as divide the particle count; see
+        docs/devices.md) and ``model_devices`` the devices each shard's weights are split over; ``models``
+        already loaded second models by alias (``{"judge": lm2}`` for ``model judge = "..."``; a declared
+        model not given is loaded by its name, once per process); ``enumerate_holes`` overrides the strategy's
+        ``enumerate`` option (``True``: small finite holes by exact enumeration, not token by token).
 
         Raises:
             OptionError (:class:`lmprog.compiler.errors.OptionError`, a ``ValueError`` and ``TypeError``): a bad argument
@@ -117,14 +126,16 @@ class Program:
         given.update(kwargs)
         result = run_program(self, given, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
                              temperature=temperature, model=model, lm=lm, progress=progress,
-                             memory_limit=memory_limit, host_timeout=host_timeout)
+                             memory_limit=memory_limit, host_timeout=host_timeout, devices=devices,
+                             model_devices=model_devices, models=models, enumerate_holes=enumerate_holes)
         result.program = self  # the HTML report shows the source (Result.report)
         return result
 
     def run_batch(self, rows, /, *, particles: Optional[int] = None, seed: Optional[int] = None,
                   strategy=None, max_tokens: Optional[int] = None, temperature: Optional[float] = None,
                   model: Optional[str] = None, lm=None, errors: str = "raise", memory_limit=None,
-                  host_timeout: Optional[float] = None):
+                  host_timeout: Optional[float] = None, devices: Optional[int] = None, model_devices: int = 1,
+                  models: Optional[Mapping] = None, enumerate_holes: Optional[bool] = None):
         """Run the program once per row of inputs (dicts): ``[Result, ...]`` in input order.
 
         Rows with the same structure run together: every row's particles in one batched engine call (one
@@ -140,7 +151,8 @@ class Program:
             raise OptionError(f"errors must be 'raise' or 'return', not {errors!r}")
         out = run_batch(self, rows, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
                         temperature=temperature, model=model, lm=lm, memory_limit=memory_limit,
-                        host_timeout=host_timeout)
+                        host_timeout=host_timeout, devices=devices, model_devices=model_devices, models=models,
+                        enumerate_holes=enumerate_holes)
         for r in out:
             if not isinstance(r, BaseException):
                 r.program = self

@@ -27,11 +27,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-__all__ = ["render", "render_batch", "fragment", "section", "write", "MAX_ROWS"]
+__all__ = ["render", "render_batch", "render_failure", "fragment", "section", "write", "MAX_ROWS"]
 
 MAX_ROWS = 200  # merged particle histories listed per result
 MAX_VALUES = 30  # posterior bars per result
 MAX_LEAVES = 120  # genealogy leaves (merged histories) per result
+MAX_GENERATIONS = 40  # resampling steps drawn in the genealogy (the last ones)
 MAX_POINTS = 400  # points per line of a chart
 MAX_TEXT = 2000  # characters of one particle's text
 MAX_BATCH_SECTIONS = 100  # detailed sections of a batch report (the summary lists every row)
@@ -66,6 +67,9 @@ _CSS = """
 .lmprog-report .kv span b{font-weight:600}
 .lmprog-report details>summary{cursor:pointer;color:#2a4d7a}
 .lmprog-report .err{color:#b71c1c}
+.lmprog-report .failure{border:1px solid #e3b5b5;background:#fff5f5;padding:4px 12px;border-radius:4px;margin:6px 0}
+.lmprog-report pre.source .killed{background:#fde4e4}
+.lmprog-report pre.source .deaths{color:#b71c1c}
 """
 
 # The first script of the page: any error of a later script lands in #lmprog-errors (the tests read it).
@@ -97,8 +101,39 @@ def render(result, *, program=None, title: Optional[str] = None, max_rows: int =
     title = title or _title(program, result)
     body = f"<h1>{_e(title)}</h1>" + section(result, program=program, prefix="r", max_rows=max_rows)
     if program is not None:
-        body += _source_section(program)
+        body += _source_section(program, _deaths_by_line(result))
     return _document(title, body)
+
+
+def render_failure(error, *, result=None, program=None, title: Optional[str] = None,
+                   max_rows: int = MAX_ROWS) -> str:
+    """The page of a run that failed: what happened (the error's message), where (the statement: its label,
+    and its line marked in the program's source), the particles' causes of death, and ``result``, the report
+    of the particles when the last one died (``Result.from_failure(error)``: an
+    :class:`~lmprog.inference.InferenceError` carries them): their texts, the genealogy up to there, the ESS, the
+    deaths by statement."""
+    label = getattr(error, "label", "") or ""
+    name = getattr(program, "filename", None)
+    title = title or (f"lmprog report — {name} (failed)" if name else "lmprog report (failed)")
+    causes = getattr(error, "causes", None) or {}
+    body = [f"<h1>{_e(title)}</h1><div class='failure' data-role='failure'><p class='err'><b>The run failed.</b> "
+            f"{_e(_short_text(str(error), 2000))}</p>"]
+    if label:
+        body.append(f"<p>Where: <code data-role='failure-site'>{_e(label)}</code></p>")
+    if causes:
+        body.append("<p>" + "; ".join(f"{k} particle(s): {_e(_cause_name_text(c))}" for c, k in causes.items())
+                    + "</p>")
+    body.append("</div>")
+    if result is not None:
+        body.append("<p class='note'>Below: the particles as they were when the last one died.</p>")
+        body.append(section(result, program=program, prefix="r", max_rows=max_rows))
+    if program is not None:
+        deaths = _deaths_by_line(result) if result is not None else {}
+        line = _label_line(label)
+        if line is not None and line not in deaths:
+            deaths[line] = sum(causes.values()) or None
+        body.append(_source_section(program, deaths))
+    return _document(title, "".join(body))
 
 
 def render_batch(entries: Iterable, *, program=None, title: Optional[str] = None,
@@ -398,6 +433,14 @@ def _cause_text(code: int) -> str:
     return CAUSE_TEXT.get(c, c.name.lower())
 
 
+def _cause_name_text(name: str) -> str:
+    """The text of a cause given by name (``InferenceError.causes`` keys: ``"host"``, ``"constraint"``, ...)."""
+    from lmprog.inference.segments import Cause
+
+    code = Cause.__members__.get(str(name).upper())
+    return _cause_text(int(code)) if code is not None else str(name)
+
+
 def _death_site(raw, h: _History) -> str:
     """The last hole a dead particle reached (its constraint and source location)."""
     if raw is None:
@@ -481,10 +524,9 @@ def _tree(leaves: list, depth: int = 0) -> _Node:
     return node
 
 
-def _genealogy(result, hist: _Histories, prefix: str) -> str:
-    raw = hist.raw
-    if raw is None or not hist.rows:
-        return ""
+def _prefix_tree(hist: _Histories, prefix: str, why: str) -> str:
+    """The tree of shared token prefixes of the final histories: what a run without resampling steps has for a
+    genealogy (``why`` says so)."""
     leaves = hist.rows[:MAX_LEAVES]
     root = _tree(leaves)
     order: list = []  # (node, leaf history) in drawing order
@@ -546,24 +588,203 @@ def _genealogy(result, hist: _Histories, prefix: str) -> str:
     axis = "".join(f"<text x='{xs(t):.1f}' y='{axis_y + 11}' text-anchor='middle'>{t}</text>" for t in ticks)
     axis += (f"<line x1='{xs(0):.1f}' y1='{axis_y}' x2='{xs(longest):.1f}' y2='{axis_y}' stroke='#c8cfda'/>"
              f"<text x='{xs(longest):.1f}' y='{axis_y - 4}' text-anchor='end'>token position</text>")
-    n_res = _resampled_steps(raw)
     omitted = hist.rows[MAX_LEAVES:]
-    notes = ("The tree of particle histories after the prompt: particles that share their first t tokens share "
-             "their history up to t (resampling copies an ancestor's tokens into its children; identical histories "
-             "are one leaf). Line width: the final weight of a branch's descendants; red dashed: dead branches. "
-             f"{n_res} decode step(s) resampled (see the ESS chart). Per-step ancestor indices and weights are not "
-             "recorded by the engine, so branches that re-joined the same tokens are drawn as one.")
+    notes = (f"{why} The tree of particle histories after the prompt: particles that share their first t tokens "
+             "share their history up to t (identical histories are one leaf). Line width: the final weight of a "
+             "branch's descendants; red dashed: dead branches.")
     more = (f" {len(omitted)} lighter histories are not drawn (at most {MAX_LEAVES} leaves)." if omitted else "")
     return (f"<h2>Genealogy</h2><p class='note'>{_e(notes + more)}</p>"
             f"<svg data-role='genealogy' width='{width}' height='{height}' role='img' aria-label='genealogy'>"
             + "".join(svg) + axis + "</svg>")
 
 
-def _resampled_steps(raw) -> int:
-    try:
-        return int(raw.resampled[:, 0].sum()) if raw.resampled.size else 0
-    except (AttributeError, IndexError):
-        return 0
+def _genealogy(result, hist: _Histories, prefix: str) -> str:
+    """The genealogy: the lineages of the drawn final histories through the recorded resampling steps
+    (:func:`lineages`), or, for a run without resampling steps, the tree of shared prefixes."""
+    if hist.raw is None or not hist.rows:
+        return ""
+    gen = _genealogy_of(result)
+    if gen is None:
+        return _prefix_tree(hist, prefix, f"{result.strategy} does not resample: every particle is its own lineage.")
+    if not len(gen.steps):
+        return _prefix_tree(hist, prefix, "No decode step resampled: every particle is its own lineage.")
+    return _draw_lineages(lineages(gen, hist), prefix)
+
+
+def _genealogy_of(result):
+    """The result's :class:`~lmprog.inference.samples.Genealogy` when it describes its particles, else None."""
+    raw = getattr(result, "raw", None)
+    gen = getattr(raw, "genealogy", None)
+    if gen is None or gen.ancestors.ndim != 3 or gen.ancestors.shape[2] != raw.num_particles:
+        return None
+    return gen
+
+
+@dataclass(eq=False)
+class GenNode:
+    """Particles of one generation that had the same history then, merged: ``members`` (their indices in that
+    generation), their summed normalized ``weight`` then, ``parents`` (node of the previous generation -> how
+    many members descend from it), ``tokens`` (the history), ``hist`` (the final generation's merged history)."""
+
+    gen: int
+    tokens: tuple
+    members: list = field(default_factory=list)
+    weight: float = 0.0
+    parents: dict = field(default_factory=dict)
+    hist: Any = None
+    y: float = 0.0
+
+
+@dataclass
+class Lineages:
+    """What the genealogy draws: ``levels[k]``, the nodes of generation ``first + k`` (the last level: the final
+    particles' drawn histories); per generation before the last, its resampling step's decode ``steps`` and
+    ``segments``, the particles ``dead`` then (weight 0: died since the previous resampling, never an ancestor)
+    and ``extinct`` (no child at that step, the dead included)."""
+
+    first: int
+    levels: list
+    steps: list
+    segments: list
+    dead: list
+    extinct: list
+    recorded: int  # resampling steps in the genealogy (the last MAX_GENERATIONS are drawn)
+    dropped: int  # earlier resampling steps the engine did not keep
+    particles: int
+
+
+def lineages(gen, hist: _Histories) -> Lineages:
+    """The ancestry of the drawn final histories (the first ``MAX_LEAVES``) through the last
+    ``MAX_GENERATIONS`` resampling steps of ``gen`` (a one-group
+    :class:`~lmprog.inference.samples.Genealogy`). In each generation the ancestors of the drawn particles are
+    merged by their history then: their first ``lengths[r, a]`` tokens, read off a final descendant (tokens are
+    only appended, so a descendant's text extends its ancestor's). Each node's weight is its particles' summed
+    normalized weight before that step's resampling; the last level's are the final weights."""
+    import numpy as np
+
+    toks = hist.raw.tokens[0]
+    n_gen, n = len(gen.steps), gen.ancestors.shape[2]
+    leaves = hist.rows[:MAX_LEAVES]
+    lineage = gen.lineage(0)  # [R + 1, N]: every final particle's ancestor in each generation
+    first = max(0, n_gen - MAX_GENERATIONS)
+    levels = [[GenNode(n_gen, h.tokens, list(h.members), h.weight, hist=h) for h in leaves]]
+    finals = sorted(i for h in leaves for i in h.members)
+    weights = np.exp(gen.log_weights[:, 0])
+    for r in range(n_gen - 1, first - 1, -1):
+        descendant: dict = {}  # ancestor in generation r -> one of its drawn final descendants
+        for c in finals:
+            descendant.setdefault(int(lineage[r, c]), c)
+        nodes: dict = {}
+        node_of: dict = {}
+        for a in sorted(descendant):
+            key = tuple(int(t) for t in toks[descendant[a], : int(gen.lengths[r, 0, a])])
+            node = nodes.setdefault(key, GenNode(r, key))
+            node.members.append(a)
+            node.weight += float(weights[r, a])
+            node_of[a] = node
+        for x in levels[0]:
+            for m in x.members:
+                parent = node_of[int(gen.ancestors[r, 0, m])]
+                x.parents[parent] = x.parents.get(parent, 0) + 1
+        levels.insert(0, list(nodes.values()))
+    steps = range(first, n_gen)
+    return Lineages(first, levels, [int(gen.steps[r]) for r in steps], [int(gen.segments[r]) for r in steps],
+                    [int(np.sum(~np.isfinite(gen.log_weights[r, 0]))) for r in steps],
+                    [n - len(np.unique(gen.ancestors[r, 0])) for r in steps], n_gen, int(gen.dropped), n)
+
+
+def _draw_lineages(lin: Lineages, prefix: str) -> str:
+    """One column per generation (its resampling step, then the final particles): a dot per node (area and
+    opacity: its weight then), a line to each of its parents' dots (width: how many of its particles descend
+    from that parent), the final histories as leaves linked to their particle rows, the particles that died
+    before each step in red under its column."""
+    levels = lin.levels
+    cols = len(levels)
+    # Top to bottom: the first generation by weight, then every node after the first of its parents.
+    rank: dict = {}
+    for level in levels:
+        level.sort(key=lambda x: (min((rank[p] for p in x.parents), default=0),
+                                  x.hist is not None and not x.hist.alive, -x.weight, x.members[0]))
+        rank.update((x, i) for i, x in enumerate(level))
+    leaves = levels[-1]
+    row_h = 14 if len(leaves) <= 60 else 10
+    top, left, right, bottom = 30, 16, 150, 34
+    width = 860
+    height = top + row_h * max(len(leaves), 1) + bottom
+    step_x = (width - left - right) / max(cols - 1, 1)
+    xs = lambda k: left + k * step_x  # noqa: E731
+    for i, x in enumerate(leaves):
+        x.y = top + row_h * i + row_h / 2
+    for k in range(cols - 2, -1, -1):  # a node sits at the mean height of its children
+        kids: dict = {}
+        for c in levels[k + 1]:
+            for p in c.parents:
+                kids.setdefault(p, []).append(c.y)
+        for x in levels[k]:
+            ys = kids.get(x, [top])
+            x.y = sum(ys) / len(ys)
+    svg: list = []
+    label_every = max(1, math.ceil(cols / 16))
+    for k in range(cols - 1):
+        x0 = xs(k)
+        t = lin.steps[k]
+        if k % label_every == 0:
+            svg.append(f"<text x='{x0:.1f}' y='12' text-anchor='middle'>{t}</text>")
+        svg.append(f"<line x1='{x0:.1f}' y1='18' x2='{x0:.1f}' y2='{height - bottom + 4}' stroke='#eef1f5'/>")
+        if lin.dead[k]:
+            svg.append(f"<text data-role='gen-deaths' data-gen='{lin.first + k}' x='{x0:.1f}' y='{height - 18}' "
+                       f"text-anchor='middle' style='fill:{_DEAD}'>✝{lin.dead[k]}<title>{_e(f'{lin.dead[k]} particle(s) dead before resampling step {t} (weight 0): replaced by copies of live ones')}</title></text>")
+    svg.append(f"<text x='{xs(cols - 1):.1f}' y='12' text-anchor='middle'>end</text>")
+    for k in range(1, cols):
+        for c in levels[k]:
+            for p, m in c.parents.items():
+                w = 0.8 + 2.2 * math.sqrt(m / max(len(c.members), 1))
+                svg.append(f"<line data-role='gen-edge' data-gen='{lin.first + k}' data-count='{m}' "
+                           f"x1='{xs(k - 1):.1f}' y1='{p.y:.1f}' x2='{xs(k):.1f}' y2='{c.y:.1f}' stroke='#8fa3bf' "
+                           f"stroke-width='{w:.2f}' stroke-opacity='0.8'/>")
+    for k in range(cols - 1):
+        t = lin.steps[k]
+        for x in levels[k]:
+            r = 2.0 + 5.0 * math.sqrt(max(x.weight, 0.0))
+            tip = (f"before resampling at decode step {t}: {len(x.members)} particle(s) with this history, weight "
+                   f"{_pct(x.weight)}, {len(x.tokens)} token(s)")
+            svg.append(f"<circle data-role='gen-node' data-gen='{lin.first + k}' data-particles='{len(x.members)}' "
+                       f"cx='{xs(k):.1f}' cy='{x.y:.1f}' r='{r:.2f}' fill='#4e79a7' "
+                       f"fill-opacity='{0.25 + 0.75 * math.sqrt(max(x.weight, 0.0)):.2f}'><title>{_e(tip)}</title>"
+                       "</circle>")
+    xe = xs(cols - 1)
+    for x in leaves:
+        h = x.hist
+        fill = "#4e79a7" if h.alive else _DEAD
+        r = 2.0 + 5.0 * math.sqrt(max(h.weight, 0.0)) if h.alive else 3.0
+        label = f"#{h.id}" + (f" ×{len(h.members)}" if len(h.members) > 1 else "") + ("" if h.alive else " ✝")
+        svg.append(f"<g data-role='gen-leaf' data-hist='{prefix}-{h.id}' style='cursor:pointer'>"
+                   f"<circle cx='{xe:.1f}' cy='{x.y:.1f}' r='{r:.2f}' fill='{fill}'/>"
+                   f"<text x='{xe + 8:.1f}' y='{x.y + 3.5:.1f}'>{_e(label)}</text>"
+                   f"<title>{_e(f'history #{h.id}: {len(h.members)} particle(s), final weight {_pct(h.weight)}')}"
+                   "</title></g>")
+    svg.append(f"<text x='{left}' y='{height - 4}'>decode step of each resampling (columns); dot area: weight then"
+               "</text>")
+    drawn = cols - 1
+    notes = [f"The lineages of the final particles through the last {drawn} of the run's {lin.recorded} recorded "
+             "resampling steps: each column is the population just before a resampling step (its decode step on "
+             "top), then the final particles; particles with the same history then are one dot (area and opacity: "
+             "their normalized weight then), and a line joins each dot to its ancestors' (width: the share of its "
+             "particles descending from each). Red ✝k under a column: k particles had weight 0 there (died since "
+             "the previous step) and were replaced; red leaves: particles dead at the end."]
+    if lin.first or lin.dropped:
+        notes.append(f"{lin.first + lin.dropped} earlier resampling step(s) are not drawn"
+                     + (f" ({lin.dropped} not kept by the engine)" if lin.dropped else "") + ".")
+    extinct = sum(lin.extinct)
+    notes.append(f"Over the drawn steps {extinct} lineage(s) ended (no child at a resampling step), "
+                 f"{sum(lin.dead)} of them dead.")
+    omitted = lin.particles - sum(len(x.members) for x in leaves)
+    if omitted:
+        notes.append(f"The ancestry of {omitted} particle(s) in lighter histories is not drawn (at most "
+                     f"{MAX_LEAVES} leaves).")
+    return (f"<h2>Genealogy</h2><p class='note'>{_e(' '.join(notes))}</p>"
+            f"<svg data-role='genealogy' data-generations='{cols}' width='{width}' height='{height}' role='img' "
+            f"aria-label='genealogy'>" + "".join(svg) + "</svg>")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -648,19 +869,48 @@ def _ess(result, small: bool = False) -> str:
 
 
 def _dead(result, hist: _Histories, prefix: str) -> str:
+    """The dead particles by cause and by the statement that killed them (``InferenceResult.died_in``: the
+    ``condition``/``factor``/``observe`` or the hole whose constraint did; for a result that does not record it,
+    the last hole the particle reached), and the deaths the genealogy saw before resampling steps."""
     dead = [h for h in hist.rows if not h.alive]
+    gen = _genealogy_of(result)
+    earlier = 0 if gen is None else int(sum((~(gen.log_weights[:, 0] > -math.inf)).sum(axis=1)))
+    replaced = (f" Before the recorded resampling steps {earlier} particle(s) had died and were replaced by copies "
+                "of live ones (✝ in the genealogy)." if earlier else "")
+    kills = (result.stats or {}).get("killed") or []
+    killed = ""
+    if kills:
+        killed = ("<h3>Killed during the run, by statement</h3><p class='note'>Every particle found dead at the end "
+                  "of each statement, those that resampling replaced later by copies of live ones included (a hole "
+                  "counts the particles dead at its end).</p><table data-role='killed'><tr><th class='num'>"
+                  "particles</th><th>statement</th></tr>"
+                  + "".join(f"<tr data-role='killed-row'><td class='num'>{int(d['particles'])}</td><td><code>"
+                            f"{_e(d.get('statement') or '')}</code></td></tr>" for d in kills) + "</table>")
     if not dead:
-        return "<h2>Dead particles</h2><p class='note'>No particle died.</p>"
-    by_cause: dict = {}
-    for h in dead:
-        key = (_cause_text(h.cause), _death_site(hist.raw, h))
-        by_cause[key] = by_cause.get(key, 0) + len(h.members)
+        return f"<h2>Dead particles</h2><p class='note'>No particle is dead at the end.{_e(replaced)}</p>{killed}"
+    raw = hist.raw
+    by_site: dict = {}
+    for d in _deaths(raw, dead):
+        key = (d["cause"], d["statement"] or "")
+        by_site[key] = by_site.get(key, 0) + d["particles"]
     rows = "".join(f"<tr data-role='dead-row'><td class='num'>{c}</td><td>{_e(cause)}</td><td><code>{_e(site)}</code>"
-                   f"</td></tr>" for (cause, site), c in sorted(by_cause.items(), key=lambda kv: -kv[1]))
-    return ("<h2>Dead particles</h2><p class='note'>Particles that died, by cause and the last hole they reached "
-            "(its source location and constraint); their histories are the struck-out rows above.</p>"
-            "<table data-role='dead'><tr><th class='num'>particles</th><th>cause</th><th>last hole reached</th></tr>"
-            f"{rows}</table>")
+                   f"</td></tr>" for (cause, site), c in sorted(by_site.items(), key=lambda kv: -kv[1]))
+    what = ("the statement that killed them (source location and statement: a condition, factor or observe, or "
+            "the hole whose constraint or budget allowed no token)" if getattr(raw, "died_in", None) is not None
+            else "the last hole they reached (its source location and constraint)")
+    return (f"<h2>Dead particles</h2><p class='note'>Particles dead at the end, by cause and {_e(what)}; their "
+            f"histories are the struck-out rows above.{_e(replaced)}</p>"
+            "<table data-role='dead'><tr><th class='num'>particles</th><th>cause</th><th>where</th></tr>"
+            f"{rows}</table>{killed}")
+
+
+def _deaths(raw, dead: list) -> list:
+    """``[{"cause", "statement", "particles"}]`` of the dead histories ``dead``: by the engine's record of where
+    each particle died (``InferenceResult.deaths``), else by the last hole each reached."""
+    if raw is not None and getattr(raw, "died_in", None) is not None and hasattr(raw, "deaths"):
+        return raw.deaths(0)
+    return [{"cause": _cause_text(h.cause), "statement": _death_site(raw, h), "particles": len(h.members)}
+            for h in dead]
 
 
 def _mcmc(result) -> str:
@@ -724,7 +974,30 @@ def _returned_values(result, particles) -> list:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _source_section(program) -> str:
+def _label_line(label) -> Optional[int]:
+    """The line of a segment label (``"file.lmp:3:1: condition ..."``), or None."""
+    import re
+
+    m = re.match(r"(.+?):(\d+):(\d+): ", label or "")
+    return int(m.group(2)) if m else None
+
+
+def _deaths_by_line(result) -> dict:
+    """``{source line: particles}``: the particles each statement killed during the run (``stats["killed"]``),
+    else those dead at the end (``stats["deaths"]``)."""
+    out: dict = {}
+    stats = getattr(result, "stats", None) or {}
+    for d in stats.get("killed") or stats.get("deaths", ()):
+        line = _label_line(d.get("statement"))
+        if line is not None:
+            out[line] = out.get(line, 0) + int(d.get("particles") or 0)
+    return out
+
+
+def _source_section(program, deaths: Optional[dict] = None) -> str:
+    """The program's source with its holes highlighted; the lines in ``deaths`` (``{line: particles}``: the
+    statements that killed particles) marked, with their count of dead particles."""
+    deaths = deaths or {}
     source = getattr(program, "source", None)
     if not source:
         return ""
@@ -748,8 +1021,14 @@ def _source_section(program) -> str:
                        f"{_hole_colour(k)}55;border-bottom:2px solid {_hole_colour(k)}'>{_e(line[a:b])}</mark>")
             pos = b
         buf.append(_e(line[pos:]))
-        out.append(f"<span class='prompt'>{no:>3} </span>" + "".join(buf))
-    return (f"<h2>Program</h2><p class='note'>{_e(getattr(program, 'filename', ''))}; holes highlighted.</p>"
+        text = f"<span class='prompt'>{no:>3} </span>" + "".join(buf)
+        if no in deaths:
+            k = deaths[no]
+            text = (f"<span class='killed' data-role='source-deaths' data-line='{no}'>{text}</span>"
+                    f"<span class='deaths'>  ✝ {'' if k is None else f'{k} particle(s) killed here'}</span>")
+        out.append(text)
+    note = "; the statements that killed particles in red" if deaths else ""
+    return (f"<h2>Program</h2><p class='note'>{_e(getattr(program, 'filename', ''))}; holes highlighted{note}.</p>"
             f"<pre class='source' data-role='source'>" + "\n".join(out) + "</pre>")
 
 

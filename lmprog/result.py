@@ -64,7 +64,11 @@ class Result:
         log_evidence: ``log Z`` estimate (``None`` unless properly weighted); ``log_evidence_se`` its standard
             error from the run's genealogy (lmprog.inference.evidence; ``None`` when unknown).
         ess: ESS at every decode step (before resampling).
-        stats: ``tokens``, ``forward_passes``, ``wall_s``, ``compile_s``, ``particles``, ``dead``, ...
+        stats: ``tokens``, ``forward_passes``, ``wall_s``, ``compile_s``, ``particles``, ``dead``, ``deaths`` (when
+            some died: ``[{"statement", "segment", "cause", "particles"}]``, the dead particles by the statement
+            that killed them: a ``condition``/``factor``/``observe`` or the hole whose constraint did), ``killed``
+            (``[{"statement", "segment", "particles"}]``: every particle each statement killed during the run,
+            those that resampling replaced by copies of live ones included), ...
         inputs: the input values of the run. extra: strategy-specific tables (``vote``, ``winner``).
         raw: the engine's :class:`~lmprog.inference.InferenceResult` (arrays, every particle).
         program: the :class:`~lmprog.program.Program` that ran (set by ``Program.run`` and the CLI; the HTML
@@ -100,21 +104,52 @@ class Result:
                 continue
             samples.append(Sample(returns(s), s.text, s.log_weight, s.weight, dict(s.values),
                                   conversation(s) if conversation is not None else None))
-        posterior = tally(((x.values, x.weight) for x in samples), ident=_canonical,
-                         tie=lambda v: json.dumps(json_value(v), ensure_ascii=False))
+        rb = rao_blackwellized(raw)
+        if rb:  # the exact conditional table of each particle instead of its one draw (module docstring)
+            pairs, distributions = _rao_blackwell(raw, returns, rb)
+        else:
+            pairs, distributions = ((x.values, x.weight) for x in samples), {}
+        posterior = tally(pairs, ident=_canonical, tie=lambda v: json.dumps(json_value(v), ensure_ascii=False))
         ess = [float(x) for x in raw.ess[:, 0] if math.isfinite(float(x))] if raw.ess.size else []
         out_stats = dict(raw.stats)
         out_stats["engine_wall_s"] = out_stats.get("wall_s")
         out_stats.update(particles=raw.num_particles, dead=dead)
+        if dead and hasattr(raw, "deaths"):
+            out_stats["deaths"] = raw.deaths()
+        if getattr(raw, "killed", None):
+            out_stats["killed"] = raw.kills()
         out_stats.update({k: v for k, v in stats.items() if v is not None})
         extra = {k: raw.extra[k] for k in ("vote", "winner", "rejuvenation") if k in raw.extra}
+        if distributions:
+            extra["distributions"] = {k: [{"value": v, "probability": p} for v, p in d]
+                                      for k, d in distributions.items()}
         if "chains" in raw.extra:
             extra["mcmc"] = diagnostics(raw, key=lambda s: _diagnostic_key(returns(s)))
         return cls(raw.strategy, bool(raw.properly_weighted), samples, posterior,
                    raw.log_evidence if raw.properly_weighted else None, ess, out_stats, dict(inputs), extra, raw,
                    log_evidence_se=getattr(raw, "log_evidence_se", None) if raw.properly_weighted else None)
 
+    @classmethod
+    def from_failure(cls, error, inputs: Optional[dict] = None) -> Optional["Result"]:
+        """The particles of a run where every particle died, as a Result (for the HTML report:
+        ``report.render_failure``): an :class:`~lmprog.inference.InferenceError` raised by the engine's walk
+        carries them as they were then (``error.partial``); None for any other error. No particle finished, so
+        the samples and the posterior are empty; the values of the dead particles are their holes'."""
+        partial = getattr(error, "partial", None)
+        if partial is None:
+            return None
+        return cls.from_inference(partial, lambda s: dict(s.values), dict(inputs or {}))
+
     # ---- convenience ------------------------------------------------------------------------------------
+
+    @property
+    def genealogy(self):
+        """Who descends from whom at each resampling step, with the weights before it
+        (:class:`~lmprog.inference.samples.Genealogy`: ``ancestors [R, 1, N]``, ``log_weights``, ``lengths``,
+        ``steps``; the last ``engine.GENEALOGY_STEPS`` resampling steps are kept, ``dropped`` counts the others).
+        ``None`` for strategies that do not resample in the engine's token loop. Not part of the JSON (it is
+        ``[R, N]``): the HTML report draws it."""
+        return getattr(self.raw, "genealogy", None)
 
     @property
     def map(self) -> Optional[dict]:
@@ -135,6 +170,18 @@ class Result:
         particle of greatest weight); None without chat turns or finished particles."""
         best = max(self.samples, key=lambda s: s.weight, default=None)
         return best.messages if best is not None else None
+
+    def distribution(self, hole: str) -> list:
+        """The posterior of one enumerated hole, ``[(value, probability)]`` sorted by probability, computed from
+        every particle's exact conditional table (Rao-Blackwellized: ``sum_i w_i p(value | particle i's
+        history)``, LMQL's ``distribution`` conditioned on everything else in the program). Only for the holes
+        listed with ``"rao_blackwellized": true`` in ``stats["enumerated"]`` (nothing after them is scored);
+        ``KeyError`` naming those holes otherwise."""
+        tables = self.extra.get("distributions", {})
+        if hole not in tables:
+            have = ", ".join(sorted(tables)) or "none in this run"
+            raise KeyError(f"no exact distribution for hole {hole!r} (Rao-Blackwellized holes: {have})")
+        return [(d["value"], d["probability"]) for d in tables[hole]]
 
     def probability(self, **value) -> float:
         """Posterior probability of the returned values ``value`` (e.g. ``r.probability(answer="Paris")``)."""
@@ -197,6 +244,40 @@ class Result:
         from lmprog import report
 
         return report.fragment(self)
+
+
+def rao_blackwellized(raw) -> list:
+    """The holes of ``raw`` (an InferenceResult) whose posterior comes from the particles' conditional tables:
+    enumerated, nothing scored after them (``stats["enumerated"]``), in a run whose posterior is the weighted
+    particles' (properly weighted; not ``vote``/``best_of``, which tally otherwise)."""
+    if not raw.properly_weighted or "weights" in raw.extra or "key" in raw.extra:
+        return []
+    return [k for k, v in raw.stats.get("enumerated", {}).items() if v.get("rao_blackwellized")]
+
+
+def _rao_blackwell(raw, returns, holes: list) -> tuple[list, dict]:
+    """``(pairs, distributions)``: the ``(returned values, weight)`` pairs of the posterior with every finished
+    particle's draw of ``holes`` replaced by its conditional table (value ``v`` with weight ``w_i p_i(v)``; a
+    particle that did not run the hole keeps its values), and per hole the tallied table ``sum_i w_i p_i``.
+    Only one hole can qualify (nothing is scored after it), but any number is handled in turn."""
+    from dataclasses import replace
+
+    from lmprog.inference.enumeration import TABLE_KEY
+
+    pairs, per_hole = [], {h: [] for h in holes}
+    for s in raw.samples:
+        if not s.alive or not s.weight > 0:
+            continue
+        tables = s.data.get(TABLE_KEY, {})
+        variants = [(s.values, 1.0)]
+        for h in holes:
+            if h not in tables or h not in s.values:
+                continue
+            values, probs = tables[h]
+            variants = [({**vals, h: v}, q * float(p)) for vals, q in variants for v, p in zip(values, probs) if p > 0]
+            per_hole[h] += [(v, s.weight * float(p)) for v, p in zip(values, probs) if p > 0]
+        pairs += [(returns(replace(s, values=vals)), s.weight * q) for vals, q in variants]
+    return pairs, {h: tally(d) for h, d in per_hole.items() if d}
 
 
 def _canonical(values) -> str:

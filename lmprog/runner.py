@@ -31,11 +31,11 @@ from lmprog.dsl import ast as A
 from lmprog.dsl.errors import suggestion
 from lmprog.dsl.static import NotStatic, StaticError, static_value
 from lmprog.inference import MAX_BATCH_PARTICLES, STRATEGIES, Strategy, engine, run_rows
-from lmprog.inference import memory
+from lmprog.inference import memory, sharding
 from lmprog.result import Result
 
 __all__ = ["MAX_BATCH_PARTICLES", "SEED_RANGE", "build_strategy", "check_context", "check_host_memory",
-           "check_options", "get_model", "iter_batch", "run_batch", "run_program"]
+           "check_options", "get_model", "iter_batch", "load_models", "run_batch", "run_program"]
 
 #: Valid seeds. JAX's default (32-bit) PRNG keys keep only the low 32 bits of a seed, so 2**32 would give the
 #: same run as 0 and larger ones overflow: seeds outside this range are refused rather than aliased.
@@ -48,6 +48,39 @@ def get_model(name: str):
     from lmprog.backends import load_model
 
     return load_model(name)
+
+
+def load_models(program, models: Optional[Mapping[str, Any]] = None) -> dict:
+    """The second models of ``program`` (``model judge = "..."``), ``{alias: loaded model}``: taken from
+    ``models`` (already loaded, e.g. toy models in tests), else loaded once per process (:func:`get_model`).
+    A model that cannot be loaded is a located error at its declaration; an alias of ``models`` the program
+    does not declare is an :class:`OptionError`."""
+    given = dict(models or {})
+    unknown = [a for a in given if a not in program.models]
+    if unknown:
+        declared = ", ".join(program.models) or "none"
+        raise OptionError(f"models= names {unknown[0]!r}, which the program does not declare "
+                          f"(declared with model NAME = \"...\": {declared})")
+    out = {}
+    for alias, spec in program.models.items():
+        if alias in given:
+            out[alias] = given[alias]
+            continue
+        try:
+            out[alias] = get_model(spec.name)
+        except Exception as exc:  # noqa: BLE001 - not found, unreadable, unsupported: located at the line
+            raise lowering_error(program, spec.span, f"cannot load the model {spec.name!r} of '{alias}': "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                                 'a registered name (lmprog models lists them), a .gguf file or a Hugging Face '
+                                 'model folder') from None
+    return out
+
+
+def _scorers(lm, judges: Mapping[str, Any]) -> dict:
+    """What ``logprob_of`` scores with: ``{None: the program's model, alias: each declared model}``."""
+    from lmprog.backends.scoring import scorer_for
+
+    return {None: scorer_for(lm), **{alias: scorer_for(m) for alias, m in judges.items()}}
 
 
 def _strategy_name(program, strategy) -> str:
@@ -80,9 +113,11 @@ def _unknown_strategy(name) -> OptionError:
 
 
 def build_strategy(program, lowered, *, strategy=None, particles: Optional[int] = None,
-                   max_tokens: Optional[int] = None, temperature: Optional[float] = None) -> Strategy:
+                   max_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                   enumerate_holes: Optional[bool] = None) -> Strategy:
     """The engine strategy: the program's ``infer`` (or ``strategy``: a name, or a Strategy object), with
-    ``particles`` / ``max_tokens`` / ``temperature`` overriding its arguments; ``score=``/``key=`` expressions
+    ``particles`` / ``max_tokens`` / ``temperature`` / ``enumerate_holes`` (its ``enumerate`` option) overriding
+    its arguments; ``score=``/``key=`` expressions
     become callables on the lowered program's samples."""
     if isinstance(strategy, Strategy):
         st = strategy
@@ -105,7 +140,7 @@ def build_strategy(program, lowered, *, strategy=None, particles: Optional[int] 
         if name == "best_of" and "score" not in args:
             args["score"] = lambda s: s.score
         st = cls(**args)
-    st = st.with_options(max_tokens=max_tokens, temperature=temperature)
+    st = st.with_options(max_tokens=max_tokens, temperature=temperature, enumerate=enumerate_holes)
     st.validate()
     return st
 
@@ -383,7 +418,7 @@ def check_host_memory(low, strategy, memory_limit=None, lm=None) -> None:
 
 
 def _lower_row(program, lm, row, *, seed, strategy, particles, max_tokens, temperature, from_text,
-               memory_limit=None):
+               memory_limit=None, judges=None, enumerate_holes=None):
     """Resolve a row's inputs, check the context its loops need, lower, build its strategy, check the host
     memory of its samples. Returns ``(values, lowered, strategy, lower_s)``."""
     t0 = time.perf_counter()
@@ -392,9 +427,10 @@ def _lower_row(program, lm, row, *, seed, strategy, particles, max_tokens, tempe
     values = _resolve(program, dict(row), from_text)
     check_context(program, values, lm)
     low = lower(program, lm.tokenizer, values, seed=seed,
-                default_max_tokens=effective_max_tokens(program, strategy, max_tokens))
+                default_max_tokens=effective_max_tokens(program, strategy, max_tokens),
+                scorers=_scorers(lm, judges or {}))
     st = build_strategy(program, low, strategy=strategy, particles=particles, max_tokens=max_tokens,
-                        temperature=temperature)
+                        temperature=temperature, enumerate_holes=enumerate_holes)
     check_host_memory(low, st, memory_limit, lm)
     return values, low, st, time.perf_counter() - t0
 
@@ -407,9 +443,15 @@ def _result(raw, low, values, lm, **stats) -> Result:
 
 def run_program(program, inputs: Mapping[str, Any], *, particles=None, seed=None, strategy=None,
                 max_tokens=None, temperature=None, model=None, lm=None, from_text: bool = False,
-                progress=None, memory_limit=None, host_timeout=None) -> Result:
+                progress=None, memory_limit=None, host_timeout=None, devices=None, model_devices=1,
+                models=None, enumerate_holes=None) -> Result:
     """Check the options, resolve inputs, load the model, lower, run. ``host_timeout``: seconds each call into
-    the user's Python code may take (default 30, 0: no limit). Raises OptionError (bad options),
+    the user's Python code may take (default 30, 0: no limit). ``devices``: local devices the particles are
+    sharded over (default: as many as divide the particle count), ``model_devices``: devices each particle
+    shard's weights are split over (:mod:`lmprog.inference.sharding`). ``models``: already loaded second
+    models by alias (``model judge = "..."``; the others are loaded once per process).
+    ``enumerate_holes``: overrides the strategy's ``enumerate`` option (``True``: small finite holes by exact
+    enumeration). Raises OptionError (bad options),
     LoweringError (program/input errors; an :class:`LmpError`), MemoryPlanError (does not fit), RunError /
     InferenceError (runtime failures)."""
     t0 = time.perf_counter()
@@ -417,15 +459,18 @@ def run_program(program, inputs: Mapping[str, Any], *, particles=None, seed=None
                   temperature=temperature, host_timeout=host_timeout, model=model, lm=lm, progress=progress)
     if memory_limit is not None:
         memory.parse_size(memory_limit)  # a ValueError naming the bad size, before the model loads
+    check_devices(devices, model_devices)
     seed = _seed(program, seed)
     if lm is None:
         _resolve(program, inputs, from_text)  # input errors before the model loads
         lm = get_model(model or program.model or program.default_model)
+    judges = load_models(program, models)
     load_s = time.perf_counter() - t0
     values, low, st, lower_s = _lower_row(program, lm, dict(inputs), seed=seed, strategy=strategy,
                                           particles=particles, max_tokens=max_tokens, temperature=temperature,
-                                          from_text=from_text, memory_limit=memory_limit)
-    with host_time_limit(host_timeout):
+                                          from_text=from_text, memory_limit=memory_limit, judges=judges,
+                                          enumerate_holes=enumerate_holes)
+    with host_time_limit(host_timeout), sharding.devices(devices, model_devices):
         try:
             raw = engine.run(lm, low.program, st, seed=seed, progress=progress, memory_limit=memory_limit)
             return _result(raw, low, values, lm, lower_s=lower_s, load_s=load_s, wall_s=time.perf_counter() - t0)
@@ -435,7 +480,8 @@ def run_program(program, inputs: Mapping[str, Any], *, particles=None, seed=None
 
 def run_batch(program, rows, *, particles=None, seed=None, strategy=None, max_tokens=None, temperature=None,
               model=None, lm=None, from_text: bool = False, max_batch_particles: int = MAX_BATCH_PARTICLES,
-              progress=None, memory_limit=None, host_timeout=None) -> list:
+              progress=None, memory_limit=None, host_timeout=None, devices=None, model_devices=1,
+              models=None, enumerate_holes=None) -> list:
     """Run ``program`` once per row of inputs: ``[Result or Exception, ...]`` in input order
     (:func:`iter_batch`, collected)."""
     rows = list(rows)
@@ -443,14 +489,16 @@ def run_batch(program, rows, *, particles=None, seed=None, strategy=None, max_to
     for k, outcome in iter_batch(program, rows, particles=particles, seed=seed, strategy=strategy,
                                  max_tokens=max_tokens, temperature=temperature, model=model, lm=lm,
                                  from_text=from_text, max_batch_particles=max_batch_particles, progress=progress,
-                                 memory_limit=memory_limit, host_timeout=host_timeout):
+                                 memory_limit=memory_limit, host_timeout=host_timeout, devices=devices,
+                                 model_devices=model_devices, models=models, enumerate_holes=enumerate_holes):
         out[k] = outcome
     return out
 
 
 def iter_batch(program, rows, *, particles=None, seed=None, strategy=None, max_tokens=None, temperature=None,
                model=None, lm=None, from_text: bool = False, max_batch_particles: int = MAX_BATCH_PARTICLES,
-               progress=None, memory_limit=None, host_timeout=None) -> Iterator[tuple[int, Any]]:
+               progress=None, memory_limit=None, host_timeout=None, devices=None,
+               model_devices=1, models=None, enumerate_holes=None) -> Iterator[tuple[int, Any]]:
     """Run ``program`` once per row of inputs, yielding ``(row index, Result or Exception)`` as soon as each
     row is done: rows that fail before running (bad inputs) first, then each engine call's rows as the call
     finishes (so a caller can write them at once; the order is not the input order).
@@ -462,17 +510,20 @@ def iter_batch(program, rows, *, particles=None, seed=None, strategy=None, max_t
     one after another. A row that fails (bad inputs, every particle dead, a failing expression, user code
     that stops the run) gets its exception and never stops the others: a row that failed inside its call runs
     again alone, so its error is exactly that of a run of its own. ``progress`` is the engine's progress
-    callback (:class:`lmprog.inference.Progress`), called for every engine call.
+    callback (:class:`lmprog.inference.Progress`), called for every engine call. ``devices`` /
+    ``model_devices``: as for :func:`run_program`, for every engine call.
     """
     t0 = time.perf_counter()
     rows = list(rows)
     check_options(program, particles=particles, seed=seed, strategy=strategy, max_tokens=max_tokens,
                   temperature=temperature, host_timeout=host_timeout, model=model, lm=lm, progress=progress)
+    check_devices(devices, model_devices)
     if lm is None:
         lm = get_model(model or program.model or program.default_model)
     seed = _seed(program, seed)
     opts = dict(seed=seed, strategy=strategy, particles=particles, max_tokens=max_tokens, temperature=temperature,
-                from_text=from_text, memory_limit=memory_limit)
+                from_text=from_text, memory_limit=memory_limit, judges=load_models(program, models),
+                enumerate_holes=enumerate_holes)
 
     lowered: dict[int, tuple] = {}
     for k, row in enumerate(rows):
@@ -483,7 +534,7 @@ def iter_batch(program, rows, *, particles=None, seed=None, strategy=None, max_t
     if not lowered:
         return
     st = lowered[next(iter(lowered))][2]
-    with host_time_limit(host_timeout):
+    with host_time_limit(host_timeout), sharding.devices(devices, model_devices):
         for chunk, padded in _calls(lowered, st, max_batch_particles):
             programs = [(lowered[k][1].structure_key, lowered[k][1].program) for k in padded]
             try:
@@ -505,6 +556,14 @@ def iter_batch(program, rows, *, particles=None, seed=None, strategy=None, max_t
                 except Exception as exc:  # noqa: BLE001
                     outcome = exc
                 yield k, outcome
+
+
+def check_devices(devices, model_devices=1) -> None:
+    """An :class:`OptionError` for a device request this process cannot serve (before the model loads)."""
+    try:
+        sharding.check_request(devices, model_devices)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
 
 
 def _calls(lowered: dict, st, max_batch_particles: int) -> Iterator[tuple[list, list]]:

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/report_screenshot.py [--out docs/img/report.png] [--html report.html]
 
-Needs Debian's ``chromium`` (``apt-get install chromium``). The run is the SMC run of tests/test_report.py.
+Needs Debian's ``chromium`` (``apt-get install chromium``). The run is the ``REPLACED`` run of tests/test_report.py
+(two conditions: the first kills particles that resampling then replaces, the second leaves dead particles).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-PROGRAM = '''infer smc(particles=32, ess=0.9)
-"Q: [x] [y]\\n" where x in ["a", "b", "ab", "ba"] and y in ["a", "b", "c"]
-condition x != "a"
+PROGRAM = '''infer smc(particles=48, ess=0.8, enumerate=false)
+"Q: [x]" where x matches "[abc]{2,5}"
+condition not startswith(x, "c")
+" [y]\\n" where y in ["a", "b", "c"]
+condition y != "c"
 '''
 
 
@@ -27,7 +30,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "..", "docs", "img", "report.png"))
     ap.add_argument("--html", default=None, help="also keep the HTML page here")
-    ap.add_argument("--size", default="1200,1500", help="the window, WIDTH,HEIGHT")
+    ap.add_argument("--size", default="1200,1900", help="the window, WIDTH,HEIGHT")
     args = ap.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -36,7 +39,7 @@ def main() -> int:
     import lmprog
     from test_lower import toy_lm
 
-    result = lmprog.compile(PROGRAM, "demo.lmp").run(lm=toy_lm(), seed=1)
+    result = lmprog.compile(PROGRAM, "demo.lmp").run(lm=toy_lm(), seed=2)
     with tempfile.TemporaryDirectory() as tmp:
         page = args.html or os.path.join(tmp, "report.html")
         result.report(page)

@@ -143,6 +143,7 @@ def statements():
         lambda kvs: tuple(A.Keyword(k, v) for k, v in kvs))
     simple = st.one_of(
         texts.map(A.ModelStmt),
+        st.tuples(names, texts).map(lambda t: A.ModelDecl(*t)),
         st.tuples(names, args, kwargs).map(lambda t: A.InferStmt(*t)),
         st.tuples(names, st.none() | st.sampled_from(INPUT_TYPES), st.none() | EXPR).map(lambda t: A.InputStmt(*t)),
         st.tuples(texts, names).map(lambda t: A.ImportStmt(*t)),

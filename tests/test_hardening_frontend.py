@@ -97,7 +97,9 @@ def test_limit_is_enforced_while_building():
         RC.bounded_regex_dfa("(a{1000}){1000}", _atom_dfa)
     assert info.value.limit == "nfa"
     with pytest.raises(RC.RegexLimitError) as info:
-        RC.bounded_regex_dfa("((a?){100}){100}", _atom_dfa)  # few DFA states, but each a huge set
+        # few DFA states, but each a huge set; a deadline far away, so that a loaded machine reaches the work
+        # bound before the default time bound (MAX_BUILD_SECONDS)
+        RC.bounded_regex_dfa("((a?){100}){100}", _atom_dfa, deadline=RC.Deadline(seconds=600.0))
     assert info.value.limit == "work"
     with pytest.raises(RC.RegexLimitError) as info:
         RC.bounded_regex_dfa("[a-z]{30}", _atom_dfa, deadline=RC.Deadline(seconds=-1.0))

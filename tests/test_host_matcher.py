@@ -78,7 +78,8 @@ def brute_force(lm, complete, viable, budget):
     return out
 
 
-def parens_reference(lm):
+def parens_reference(lm, language=False):
+    """The budgeted target by brute force (``language``: also the independent ``viable``/``complete`` tests)."""
     tok = lm.tokenizer
     parser = lark.Lark(PARENS)
 
@@ -98,7 +99,8 @@ def parens_reference(lm):
         parser.parse(s[:-1])  # (raises if not a sentence)
         return True
 
-    return brute_force(lm, complete, viable, BUDGET)
+    ref = brute_force(lm, complete, viable, BUDGET)
+    return (ref, viable, complete) if language else ref
 
 
 def json_reference(lm):
@@ -158,6 +160,41 @@ def test_mask_allows_exactly_the_completable_tokens(case, reference):
     ref = reference(lm)
     assert len(ref) >= 5
     _check_exact(enumerate_program(lm, prog, max_tokens=BUDGET), ref)
+
+
+def test_budget_mask_is_viability_plus_the_last_token_rule():
+    """What the host mask is under ``tokens(X) <= N`` (docs/constraints.md, "The token budget on the host path"):
+    exactly the tokens after which the hole can still be completed *with any number of tokens* (checked against
+    an independent definition of the language at every prefix), restricted to tokens that end the hole on the
+    N-th token. That is a superset of the tokens that can complete *within* the budget — every prefix of every
+    sequence of the budgeted target is allowed, so the target keeps its support and the weights stay proper —
+    and a strict one: some allowed prefixes cannot finish in time, and particles that take them die (weight 0)."""
+    lm, _, prog = parens_case()
+    target, viable, complete = parens_reference(lm, language=True)
+    _, pool = prog.table.bind()
+    v = len(lm.tokenizer.token_bytes)
+    prefixes_of_target = {seq[:k] for seq in target for k in range(len(seq))}
+    strict = 0
+
+    def visit(seq, state):
+        nonlocal strict
+        packed = pool.masks(np.array([state]), np.array([len(seq)]), np.array([BUDGET]))
+        mask = np.unpackbits(packed.view(np.uint8), bitorder="little")[:v].astype(bool)
+        last = len(seq) + 1 == BUDGET
+        want = [viable(seq + [t]) and (not last or complete(seq + [t])) for t in range(v)]
+        assert mask.tolist() == want, seq
+        in_time = {s[len(seq)] for s in target if s[: len(seq)] == tuple(seq)}
+        assert in_time <= set(np.flatnonzero(mask).tolist())  # every prefix of the target is allowed
+        strict += len(set(np.flatnonzero(mask).tolist()) - in_time)
+        for t in np.flatnonzero(mask).tolist():
+            child = int(pool.step(np.array([state]), np.array([t]))[0])
+            if (child - pool.base) % 2 == 0:
+                visit(seq + [t], child)
+
+    visit([], pool.start(0))
+    assert () in prefixes_of_target and strict > 0
+    r = run(lm, prog, Importance(particles=N), seed=1, groups=50)
+    assert np.isneginf(np.asarray(r.log_weights)).any()  # the particles that took such a prefix died
 
 
 G, N = 400, 32
@@ -245,3 +282,32 @@ def test_a_program_with_a_recursive_grammar_runs_end_to_end(tmp_path):
     exact = enumerate_program(lm, lower(program, lm.tokenizer, {}, default_max_tokens=5).program).probs()
     support = {lm.tokenizer.decode(list(seq)).split("\n")[0] for seq in exact}  # each sequence's value
     assert result.posterior and {v["x"] for v, _ in result.posterior} <= support
+
+
+# ------------------------------------------------------------------------------------------------ pool memory
+
+
+@pytest.mark.parametrize("strategy", [SMC(particles=32, ess=1.0, resample="multinomial"),
+                                      MCMC(steps=12, chains=16, burn_in=2, move="suffix", particles=2)],
+                         ids=["smc", "mcmc"])
+def test_freeing_pool_states_changes_no_result(monkeypatch, strategy):
+    """States no particle uses are freed (matchers, masks, children memos); a freed state used again (an MCMC
+    trace restored by a suffix move) is rebuilt from its lineage. The run is the same, draw for draw, as one that
+    never frees, while the states holding matchers stay few."""
+    from lmprog.automata.host import HostPool
+
+    lm, _, prog = parens_case()
+    runs = {}
+    for hold in (1 << 30, 2):
+        monkeypatch.setattr(HostPool, "HOLD_MIN", hold)
+        monkeypatch.setattr(HostPool, "RECENT", 1)
+        runs[hold] = run(lm, prog, strategy, seed=3, groups=4)
+    keep, free = runs[1 << 30], runs[2]
+    np.testing.assert_array_equal(np.asarray(keep.log_weights), np.asarray(free.log_weights))
+    assert [keep.sequences(g) for g in range(4)] == [free.sequences(g) for g in range(4)]
+    hk, hf = keep.stats["host_matcher"], free.stats["host_matcher"]
+    assert hk["freed"] == 0 and hf["freed"] > 0
+    if isinstance(strategy, MCMC):  # (a rebuilt state stepped again is a new state: more states, few held)
+        assert hf["rebuilt"] > 0
+    else:
+        assert hf["held_max"] < hk["held_max"]

@@ -380,3 +380,38 @@ def test_a_json_hole_is_indexed_like_its_value(tmp_path):
     result = Program(src, "t.lmp", base_dir=tmp_path).run(lm=lm, seed=2)
     values = {v['x["a"]'] for v, _ in result.posterior}
     assert values and values <= {1, 2}
+
+
+def test_a_json_hole_interpolates_as_the_json_text_it_generated(tmp_path):
+    """``{x}`` in a later template, ``f"{x}"`` and ``str(x)`` of a json hole give the JSON text the hole generated
+    (never Python's ``{'a': 1}``, which this vocabulary cannot even encode); a part of it is canonical JSON; a
+    string inside it is its characters."""
+    lm = json_lm()
+    _write(tmp_path, "s.json", json.dumps(SMALL))
+    src = ('infer importance(particles=16)\n"Q[x]" where json(x, schema="s.json")\n"R{x}"\n'
+           'return {"s": str(x), "f": f"{x}", "x": x, "b": x["b"] if contains(str(x), "b") else "-"}\n')
+    result = Program(src, "t.lmp", base_dir=tmp_path).run(lm=lm, seed=2)
+    seen = 0
+    for s in result.samples:
+        if s.log_weight == -math.inf:
+            continue
+        v = s.values
+        text = s.text[s.text.index("Q") + 1:]
+        generated = text[: text.index("R")].removesuffix("<eos>")
+        assert v["s"] == v["f"] == generated  # exactly the generated text, spacing included
+        assert json.loads(v["s"]) == v["x"] and text.endswith("R" + generated)
+        assert v["b"] in ("-", "a", "b")
+        seen += 1
+    assert seen
+
+
+def test_json_text_of_parts_is_canonical():
+    from lmprog.compiler.json_text import JsonArray, JsonObject, json_hole_value
+    from lmprog.compiler.runtime_eval import to_text
+
+    v = json_hole_value('{"a":1,  "b": [true, null, "é"], "c": {"d":2}}')
+    assert isinstance(v, JsonObject) and isinstance(v["b"], JsonArray) and v == json.loads(str(v))
+    assert to_text(v) == '{"a":1,  "b": [true, null, "é"], "c": {"d":2}}'
+    assert to_text(v["b"]) == '[true, null, "é"]' and f"{v['c']}" == '{"d": 2}'
+    assert to_text(v["b"][2]) == "é" and to_text(json_hole_value("true")) == "true"
+    assert str([v["c"]]) == '[{"d": 2}]'  # inside a plain list too

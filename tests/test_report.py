@@ -7,6 +7,7 @@ no script or console error, and a screenshot that is not blank.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import lmprog
 from lmprog import cli, report
 from test_lower import toy_lm
 
-SMC = '''infer smc(particles=32, ess=0.9)
+SMC = '''infer smc(particles=32, ess=0.9, enumerate=false)
 "Q: [x] [y]\\n" where x in ["a", "b", "ab", "ba"] and y in ["a", "b", "c"]
 condition x != "a"
 '''
@@ -101,14 +102,17 @@ def test_holes_are_marked_in_the_text_and_the_source(smc):
     assert re.search(r"data-role='source-hole'[^>]*>\[x\]</mark>", page)
 
 
-def test_dead_particles_show_their_cause_and_hole(smc):
+def test_dead_particles_show_their_cause_and_statement(smc):
     page = smc.report()
     dead = smc.stats["dead"]
     assert dead > 0
     m = re.search(r"data-role='dead-row'><td class='num'>(\d+)</td><td>([^<]*)</td><td><code>([^<]*)", page)
     assert m and int(m.group(1)) == dead
     assert m.group(2) == "a condition or factor gave weight 0"
-    assert "smc.lmp:2:" in m.group(3) and "where y in" in m.group(3)
+    assert html.unescape(m.group(3)) == 'smc.lmp:3:1: condition x != "a"'
+    # the statement's line is marked in the source, with its count
+    assert re.search(r"data-role='source-deaths' data-line='3'>", page) and f"{dead} particle(s) killed here" in page
+    assert smc.stats["killed"] == [{"statement": 'smc.lmp:3:1: condition x != "a"', "segment": 3, "particles": dead}]
     assert page.count("class='dead'") == sum(1 for _ in re.finditer(r"tr id='row-r-\d+' class='dead'", page)) > 0
 
 
@@ -168,6 +172,251 @@ def test_repr_html_is_a_fragment_without_script(smc):
     assert frag.startswith("<div class='lmprog-report'>") and "<script" not in frag
     assert roles(frag, "posterior-bar") == len(smc.posterior) and roles(frag, "particle-row") <= 20
     assert "probability" in frag
+
+
+# ---- the genealogy: recorded by the engine, drawn by the report -----------------------------------------
+
+LONG = '''infer smc(particles=64, ess=1, enumerate=false)
+"Q: [x]\\n" where x matches "[abc]{2,6}"
+'''
+TWO_CONDITIONS = '''infer importance(particles=48, enumerate=false)
+"Q: [x]" where x in ["a", "b", "ab", "ba"]
+condition x != "a"
+condition x != "b"
+" [y]\\n" where y in ["a", "b"]
+'''
+ALL_DEAD = '''infer smc(particles=16, ess=0.5, enumerate=false)
+"Q: [x] [y]\\n" where x in ["a", "b", "ab", "ba"] and y in ["a", "b", "c"]
+condition x == "zz"
+'''
+
+
+def run_engine(source: str, seed: int, chunk: int = 32):
+    """The engine's InferenceResult of ``source`` on the toy LM (``chunk`` decode steps per device call)."""
+    from lmprog.compiler.lower import lower
+    from lmprog.inference import engine
+    from lmprog.runner import build_strategy
+
+    program = lmprog.compile(source, "g.lmp")
+    low = lower(program, toy_lm().tokenizer, {})
+    return engine.run(toy_lm(), low.program, build_strategy(program, low), seed=seed, chunk=chunk)
+
+
+@pytest.fixture(scope="module")
+def long_run():
+    return run_engine(LONG, seed=5)
+
+
+def ancestors_by_generation(gen) -> list:
+    """``[R + 1]`` arrays: the ancestor in each generation of every final particle, composed step by step from the
+    recorded ancestor vectors (an independent reading of ``Genealogy.lineage``)."""
+    n = gen.ancestors.shape[2]
+    out = [np.arange(n)]
+    for r in range(len(gen.steps) - 1, -1, -1):
+        out.insert(0, gen.ancestors[r, 0][out[0]])
+    return out
+
+
+def test_engine_records_the_ancestors_of_every_resampling_step(long_run):
+    raw, gen = long_run, long_run.genealogy
+    n = raw.num_particles
+    assert list(gen.steps) == list(np.flatnonzero(raw.resampled[:, 0])) and len(gen.steps) >= 3
+    assert gen.dropped == 0 and gen.ancestors.shape == (len(gen.steps), 1, n)
+    assert ((gen.ancestors >= 0) & (gen.ancestors < n)).all()
+    for r, t in enumerate(gen.steps):
+        w = np.exp(gen.log_weights[r, 0])
+        assert w.sum() == pytest.approx(1.0)
+        # the recorded weights are those the step's ESS was computed from (before resampling)
+        assert 1.0 / np.sum(w ** 2) == pytest.approx(float(raw.ess[t, 0]), rel=1e-3)
+        # systematic resampling: every particle has floor(N w) or ceil(N w) children; the dead none
+        children = np.bincount(gen.ancestors[r, 0], minlength=n)
+        assert (children >= np.floor(n * w - 1e-3)).all() and (children <= np.ceil(n * w + 1e-3)).all()
+        assert (children[w == 0] == 0).all()
+        # in place: a selected ancestor's first child keeps its index
+        chosen = np.flatnonzero(children)
+        assert (gen.ancestors[r, 0][chosen] == chosen).all()
+    assert np.array_equal(gen.lineage(0), np.array(ancestors_by_generation(gen)))
+
+
+def test_a_particle_extends_its_ancestors_history(long_run):
+    """Final particles with the same ancestor at a resampling step agree on that ancestor's tokens then."""
+    raw, gen = long_run, long_run.genealogy
+    toks, lens = raw.tokens[0], raw.lengths[0]
+    lineage = ancestors_by_generation(gen)
+    shared = 0
+    for r in range(len(gen.steps)):
+        for a in np.unique(lineage[r]):
+            kids = np.flatnonzero(lineage[r] == a)
+            length = int(gen.lengths[r, 0, a])
+            assert (lens[kids] >= length).all()
+            assert len({toks[c, :length].tobytes() for c in kids}) == 1
+            shared += len(kids) > 1
+    assert shared > 0  # the check compared something
+    # and a wrong ancestry fails it: shift the last step's ancestors by one
+    r = len(gen.steps) - 1
+    wrong = lineage[r][(np.arange(len(lineage[r])) + 1) % len(lineage[r])]
+    prefixes = [{toks[c, : int(gen.lengths[r, 0, a])].tobytes() for c in np.flatnonzero(wrong == a)}
+                for a in np.unique(wrong)]
+    assert any(len(p) > 1 for p in prefixes)
+
+
+def test_genealogy_does_not_depend_on_chunking(long_run):
+    small = run_engine(LONG, seed=5, chunk=2)
+    assert np.array_equal(small.tokens, long_run.tokens)
+    for a, b in zip(small.genealogy[:-1], long_run.genealogy[:-1]):
+        assert np.array_equal(a, b)
+
+
+def test_genealogy_keeps_the_last_steps_past_its_cap(long_run, monkeypatch):
+    from lmprog.inference import engine
+
+    monkeypatch.setattr(engine, "GENEALOGY_STEPS", 2)
+    capped = run_engine(LONG, seed=5).genealogy
+    full = long_run.genealogy
+    assert capped.dropped == len(full.steps) - 2 and len(capped.steps) == 2
+    assert np.array_equal(capped.ancestors, full.ancestors[-2:]) and np.array_equal(capped.steps, full.steps[-2:])
+
+
+def test_result_genealogy_is_documented_and_not_in_the_json():
+    r = lmprog.compile(LONG, "g.lmp").run(lm=toy_lm(), seed=5)
+    assert r.genealogy is r.raw.genealogy and len(r.genealogy.steps) >= 3
+    assert "genealogy" not in r.to_dict()
+    imp = lmprog.compile(TWO_CONDITIONS, "t.lmp").run(lm=toy_lm(), seed=1)
+    assert imp.genealogy is None  # importance never resamples
+
+
+def drawn_lineages(result) -> tuple[dict, dict]:
+    """What the genealogy must draw, from the raw arrays alone: per generation the distinct histories of the
+    ancestors of the final particles (generation R: the final histories, by tokens and fate), and per generation
+    the distinct (child history, parent history) edges into it."""
+    raw, gen = result.raw, result.raw.genealogy
+    toks, lens, causes = raw.tokens[0], raw.lengths[0], raw.causes[0]
+    lineage = ancestors_by_generation(gen)
+    big_r = len(gen.steps)
+
+    def key(r, c):
+        if r == big_r:
+            return toks[c, : lens[c]].tobytes(), int(causes[c])
+        return toks[c, : int(gen.lengths[r, 0, lineage[r][c]])].tobytes()
+
+    n = raw.num_particles
+    nodes = {r: len({key(r, c) for c in range(n)}) for r in range(big_r + 1)}
+    edges = {r: len({(key(r, c), key(r - 1, c)) for c in range(n)}) for r in range(1, big_r + 1)}
+    return nodes, edges
+
+
+def test_genealogy_draws_the_recorded_lineages(long_run):
+    r = lmprog.compile(LONG, "g.lmp").run(lm=toy_lm(), seed=5)
+    page = r.report()
+    nodes, edges = drawn_lineages(r)
+    big_r = len(r.genealogy.steps)
+    assert big_r + 1 <= report.MAX_GENERATIONS and distinct_histories(r) <= report.MAX_LEAVES  # all drawn
+    assert f"data-generations='{big_r + 1}'" in page
+    for g in range(big_r):
+        assert len(re.findall(rf"data-role='gen-node' data-gen='{g}'", page)) == nodes[g]
+        # the dots of a generation hold every ancestor of the final particles once
+        held = sum(int(k) for k in re.findall(rf"data-role='gen-node' data-gen='{g}' data-particles='(\d+)'", page))
+        assert held == len(np.unique(ancestors_by_generation(r.genealogy)[g]))
+    assert roles(page, "gen-leaf") == nodes[big_r]
+    for g in range(1, big_r + 1):
+        assert len(re.findall(rf"data-role='gen-edge' data-gen='{g}'", page)) == edges[g]
+        counts = re.findall(rf"data-role='gen-edge' data-gen='{g}' data-count='(\d+)'", page)
+        assert sum(map(int, counts)) == (r.raw.num_particles if g == big_r
+                                         else len(np.unique(ancestors_by_generation(r.genealogy)[g])))
+
+
+def test_genealogy_of_many_particles_is_bounded():
+    big = lmprog.compile(BIG.replace("smc(particles=2000)", "smc(particles=2000, ess=1, enumerate=false)"),
+                         "big.lmp").run(lm=toy_lm(), seed=3)
+    page = big.report()
+    assert roles(page, "gen-leaf") == min(distinct_histories(big), report.MAX_LEAVES)
+    per_gen = [len(re.findall(rf"data-role='gen-node' data-gen='{g}'", page)) for g in range(len(big.genealogy.steps))]
+    assert max(per_gen) <= report.MAX_LEAVES and sum(per_gen) > 0
+    assert len(page.encode()) < 600_000
+
+
+# ---- deaths by statement ------------------------------------------------------------------------------
+
+
+def test_deaths_are_attributed_to_the_statement_that_killed_them():
+    r = lmprog.compile(TWO_CONDITIONS, "t.lmp").run(lm=toy_lm(), seed=1)
+    dead_x = [s.values["x"] for s in r.raw.samples if not s.alive]
+    expect = {'t.lmp:3:1: condition x != "a"': dead_x.count("a"), 't.lmp:4:1: condition x != "b"': dead_x.count("b")}
+    assert all(expect.values()) and sum(expect.values()) == len(dead_x) == r.stats["dead"]
+    got = {d["statement"]: d["particles"] for d in r.stats["deaths"]}
+    assert got == expect
+    assert {d["segment"] for d in r.stats["deaths"]} == {2, 3}  # the two Host segments
+    json.loads(r.to_json())["stats"]["deaths"]  # plain JSON
+    page = r.report()
+    for statement, k in expect.items():
+        assert re.search(rf"data-role='dead-row'><td class='num'>{k}</td><td>[^<]*</td><td><code>"
+                         rf"{re.escape(html.escape(statement, quote=True))}</code>", page)
+        line = statement.split(":")[1]
+        assert f"data-role='source-deaths' data-line='{line}'" in page
+
+
+REPLACED = '''infer smc(particles=48, ess=0.8, enumerate=false)
+"Q: [x]" where x matches "[abc]{2,5}"
+condition not startswith(x, "c")
+" [y]\\n" where y in ["a", "b", "c"]
+condition y != "c"
+'''
+
+
+def test_kills_count_the_particles_resampling_replaced():
+    r = lmprog.compile(REPLACED, "k.lmp").run(lm=toy_lm(), seed=2)
+    gen = r.genealogy
+    in_y = [k for k, j in enumerate(gen.segments) if j == 3]  # resampling steps in hole y (segment 3)
+    assert in_y
+    dead_then = int(np.sum(~np.isfinite(gen.log_weights[in_y[0], 0])))  # the condition's victims, still there
+    killed = {d["statement"]: d["particles"] for d in r.stats["killed"]}
+    assert killed['k.lmp:3:1: condition not startswith(x, "c")'] == dead_then > 0
+    # they were replaced: none of them is among the dead at the end, all of which the last condition killed
+    assert {d["statement"] for d in r.stats["deaths"]} == {'k.lmp:5:1: condition y != "c"'}
+    assert killed['k.lmp:5:1: condition y != "c"'] == r.stats["dead"]
+    page = r.report()
+    assert roles(page, "killed-row") == 2 and roles(page, "gen-deaths") >= 1
+    assert f"{dead_then} particle(s) killed here" in page
+
+
+def test_every_particle_dead_carries_the_particles():
+    from lmprog.inference import InferenceError
+
+    with pytest.raises(InferenceError) as info:
+        lmprog.compile(ALL_DEAD, "dead.lmp").run(lm=toy_lm(), seed=1)
+    partial = info.value.partial
+    assert partial.num_particles == 16 and not partial.alive.any()
+    assert partial.deaths() == [{"statement": 'dead.lmp:3:1: condition x == "zz"', "segment": 3,
+                                 "cause": "a condition or factor gave weight 0", "particles": 16}]
+    from lmprog.result import Result
+
+    page = report.render_failure(info.value, result=Result.from_failure(info.value))
+    assert roles(page, "failure") == 1 and roles(page, "particle-row") >= 1
+    assert Result.from_failure(ValueError("no particles")) is None
+
+
+def test_cli_all_dead_still_writes_the_report(tmp_path, monkeypatch, capsys):
+    import lmprog.runner as runner
+
+    monkeypatch.setattr(runner, "get_model", lambda name: toy_lm())
+    prog = tmp_path / "dead.lmp"
+    prog.write_text(ALL_DEAD)
+    assert cli.main(["run", str(prog), "--seed", "1"]) == 1
+    plain = capsys.readouterr().err
+    out = tmp_path / "dead.html"
+    assert cli.main(["run", str(prog), "--seed", "1", "--json", "--report", str(out)]) == 1  # the same status
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = " ".join(captured.err.split())  # (rich wraps the report line)
+    assert f"report: {out} (" in err and "self-contained HTML" in err
+    assert " ".join(plain.split()) in err  # the same message
+    assert "every particle died" in plain
+    page = out.read_text()
+    assert roles(page, "failure") == 1 and "every particle died" in page
+    assert html.unescape(re.search(r"data-role='failure-site'>([^<]*)<", page).group(1)) == \
+        f'{prog}:3:1: condition x == "zz"'
+    assert "data-role='source-deaths' data-line='3'>" in page and "16 particle(s) killed here" in page
+    assert roles(page, "particle-row") >= 1 and roles(page, "dead-row") == 1
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------
@@ -280,6 +529,33 @@ def test_chromium_batch_page(smc, mcmc, tmp_path):
     assert len(re.findall(r'data-role="batch-row"', dom)) == 3
     assert re.findall(r'<section class="result" data-prefix="(row\d)"', dom) == ["row0", "row1"]  # in row order
     assert len(re.findall(r'data-role="acceptance-bar"', dom)) == 3 and "row failed" in dom
+
+
+@needs_chromium
+def test_chromium_genealogy_and_failure_pages(tmp_path):
+    r = lmprog.compile(LONG, "g.lmp").run(lm=toy_lm(), seed=5)
+    path = tmp_path / "g.html"
+    r.report(path)
+    dom = chromium(tmp_path, path, "--dump-dom").stdout
+    assert 'data-lmprog-ready="1"' in dom and page_errors(dom) == ""
+    nodes, edges = drawn_lineages(r)
+    big_r = len(r.genealogy.steps)
+    for g in range(big_r):
+        assert len(re.findall(rf'data-role="gen-node" data-gen="{g}"', dom)) == nodes[g]
+    for g in range(1, big_r + 1):
+        assert len(re.findall(rf'data-role="gen-edge" data-gen="{g}"', dom)) == edges[g]
+    from lmprog.inference import InferenceError
+
+    program = lmprog.compile(ALL_DEAD, "dead.lmp")
+    with pytest.raises(InferenceError) as info:
+        program.run(lm=toy_lm(), seed=1)
+    failed = tmp_path / "dead.html"
+    from lmprog.result import Result
+
+    report.write(failed, report.render_failure(info.value, result=Result.from_failure(info.value), program=program))
+    dom = chromium(tmp_path, failed, "--dump-dom").stdout
+    assert 'data-lmprog-ready="1"' in dom and page_errors(dom) == ""
+    assert len(re.findall(r'data-role="failure"', dom)) == 1 and 'data-role="source-deaths"' in dom
 
 
 def png_rows(path) -> tuple[int, int, bytes]:

@@ -12,7 +12,9 @@ is made; stepping entry ``i`` by token ``t`` makes a new entry from a copy of it
 ``done`` says the hole has ended there. So the kernels' resampling (which copies states with the particles) forks
 matchers for free, MCMC moves restore a recorded state from the trace as they do for automata, and particles with
 equal states share one mask (computed once per entry, for all particles of a step in one batched call, on
-llguidance's thread pool). ``base`` is the device table's state count: states below it are automaton states.
+llguidance's thread pool). The matchers and masks of states no particle uses any more are freed as the run goes and
+rebuilt from the state's lineage if it comes back (:class:`HostPool`, "Memory"), so a long run's pool stays the
+size of what its particles use. ``base`` is the device table's state count: states below it are automaton states.
 ``counts[:, TOKENS]`` counts a host hole's tokens (the other counters stay zero).
 
 What the mask is (docs/constraints.md, "The host path"): a token is allowed iff the hole's bytes after it are a
@@ -27,6 +29,7 @@ sequence of the target has all its tokens allowed), with more variance than an e
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import threading
@@ -147,22 +150,37 @@ def _terminator_tables(token_bytes: Sequence[bytes], special: frozenset, t: byte
 # ------------------------------------------------------------------------------------------------ the pool
 
 
-@dataclass
-class _Entry:
-    matcher: object  # llguidance.LLMatcher (None once the hole is done)
-    spec: int
-    k: int = 0  # terminator bytes pending (text terminators)
-    done: bool = False
-
+#: Light per-state record of the pool (kept for every state ever made, 13 bytes): the state it was stepped from
+#: and the token (``parent`` -1: a hole's start), its hole spec, pending terminator bytes, and whether it is done.
+_LINEAGE = np.dtype([("parent", np.int32), ("token", np.int32), ("spec", np.int16), ("k", np.int16),
+                     ("done", np.bool_)])
 
 _POOLS: "weakref.WeakValueDictionary[int, HostPool]" = weakref.WeakValueDictionary()
 _HANDLES = itertools.count(1)
 
 
+def _bit(row: np.ndarray, t: int) -> bool:
+    return bool((row[t >> 3] >> (t & 7)) & 1)
+
+
 class HostPool:
     """The host states of one run: immutable matcher snapshots (see the module docstring). Entry ``i`` is the
     start of host hole ``i`` for ``i < len(specs)``. Masks are computed once per entry; children once per
-    ``(entry, token)``. Registered under :attr:`handle` (weakly: the pool lives while its run holds it)."""
+    ``(entry, token)``. Registered under :attr:`handle` (weakly: the pool lives while its run holds it).
+
+    Memory. A state's index is never reused or renumbered (MCMC traces and particles hold indices), but only the
+    states some particle may still use keep their heavy parts: the llguidance matcher, the packed masks and the
+    children memo. Whenever more than ``max(HOLD_MIN, 2 x live)`` states hold them, a mask call (the states it is
+    given are every particle's current state; with those of the few calls before it, ``live``) frees the others'
+    (:meth:`_collect`). Every state keeps its lineage (:data:`_LINEAGE`: parent and token), so a freed state that is used again — a trace restored by an MCMC move,
+    an enumeration revisiting a prefix — is rebuilt exactly by replaying its tokens from its nearest ancestor that
+    still has a matcher (a hole's start at worst: starts are never freed). Results do not depend on when states
+    are freed."""
+
+    #: Fewest states that keep their matchers and masks before the pool frees any (``2 x`` the live ones beyond).
+    HOLD_MIN = 256
+    #: The states of this many of the latest mask calls are kept when the pool frees the others.
+    RECENT = 4
 
     def __init__(self, specs: Sequence[HostSpec], tokenizer, vocab: int, base: int, threads: int | None = None):
         import llguidance as llg
@@ -174,20 +192,24 @@ class HostPool:
         self.base = int(base)
         self.lt = ll_tokenizer(tokenizer)
         self.executor = llg.LLExecutor(threads)
-        self.entries: list[_Entry] = []
-        self.children: dict[tuple[int, int], int] = {}
-        self.allowed: dict[int, np.ndarray] = {}  # entry -> [V] bool (no budget)
-        self.ending: dict[int, np.ndarray] = {}  # entry -> [V] bool: allowed tokens that end the hole
+        self.lineage = np.zeros(max(64, 2 * len(self.specs)), _LINEAGE)
+        self.recent: collections.deque = collections.deque(maxlen=self.RECENT)
+        self.size = 0
+        self.matchers: dict[int, object] = {}  # entry -> llguidance.LLMatcher (not done, held)
+        self.children: dict[int, dict[int, int]] = {}  # entry -> {token: child entry or -1}
+        self.allowed: dict[int, np.ndarray] = {}  # entry -> packed [V] bits (no budget)
+        self.ending: dict[int, np.ndarray] = {}  # entry -> packed [V] bits: allowed tokens that end the hole
         self.ll_eos = np.array(sorted(set(int(e) for e in self.lt.eos_tokens) | set(int(e) for e in tokenizer.eos_ids)),
                                np.int64)
         self.term = {}
-        self.stats = {"mask_calls": 0, "masks": 0, "mask_s": 0.0, "step_calls": 0, "steps": 0, "step_s": 0.0}
+        self.stats = {"mask_calls": 0, "masks": 0, "mask_s": 0.0, "step_calls": 0, "steps": 0, "step_s": 0.0,
+                      "held": 0, "held_max": 0, "freed": 0, "rebuilt": 0}
         self.lock = threading.Lock()
         for i, spec in enumerate(self.specs):
             matcher = llg.LLMatcher(self.lt, spec.grammar, log_level=0)
             if matcher.is_error():
                 raise ValueError(f"{spec.label or 'host hole'}: {matcher.get_error()}")
-            self.entries.append(_Entry(matcher, i))
+            self.matchers[self._new(-1, -1, i, 0, False)] = matcher
             if spec.kind == "text" and spec.text not in self.term:
                 key = (tokenizer.fingerprint, spec.text)
                 tab = _TERM_CACHE.get(key)
@@ -198,15 +220,56 @@ class HostPool:
         _POOLS[self.handle] = self
 
     def __len__(self) -> int:
-        return len(self.entries)
+        """The number of states made so far (their lineage is kept; :attr:`held` of them have matchers)."""
+        return self.size
+
+    @property
+    def held(self) -> int:
+        """States that hold a matcher or masks now."""
+        return len(set(self.matchers) | set(self.allowed))
 
     def start(self, hole: int) -> int:
         """The global start state of host hole ``hole``."""
         return self.base + 2 * hole
 
-    def _new(self, entry: _Entry) -> int:
-        self.entries.append(entry)
-        return len(self.entries) - 1
+    def _new(self, parent: int, token: int, spec: int, k: int, done: bool) -> int:
+        if self.size == self.lineage.shape[0]:
+            self.lineage = np.concatenate([self.lineage, np.zeros_like(self.lineage)])
+        self.lineage[self.size] = (parent, token, spec, k, done)
+        self.size += 1
+        return self.size - 1
+
+    def _matcher(self, i: int):
+        """Entry ``i``'s matcher (not done): held, or rebuilt from the nearest ancestor that holds one."""
+        m = self.matchers.get(i)
+        if m is not None:
+            return m
+        path, j = [], i
+        while j not in self.matchers:
+            path.append(int(self.lineage[j]["token"]))
+            j = int(self.lineage[j]["parent"])
+        m = self.matchers[j].deep_copy()
+        for t in reversed(path):
+            if not m.consume_token(t):  # (it did when the state was made)
+                raise AssertionError(f"host state {i} cannot be rebuilt")
+        self.matchers[i] = m
+        self.stats["rebuilt"] += 1
+        return m
+
+    def _collect(self, live) -> None:
+        """Free the matchers, masks and children memos of every state but the starts and those given to the last
+        :data:`RECENT` mask calls (``live``: this one's; several calls, in case a sharded run asks per shard), once
+        more than ``max(HOLD_MIN, 2 x kept)`` states hold them (amortised: a collection frees at least half of what
+        is held, so its cost is spread over as many new states)."""
+        self.recent.append(set(live))
+        held = set(self.matchers) | set(self.allowed)
+        keep = set().union(*self.recent) | set(range(len(self.specs)))
+        if len(held) <= max(self.HOLD_MIN, 2 * len(keep)):
+            return
+        for d in (self.matchers, self.allowed, self.ending, self.children):
+            for i in [i for i in d if i not in keep]:
+                del d[i]
+        self.stats["freed"] += len(held - keep)
 
     # -- masks ---------------------------------------------------------------------------------------
 
@@ -217,40 +280,49 @@ class HostPool:
         todo = [i for i in dict.fromkeys(idx) if i not in self.allowed]
         if not todo:
             return
-        live = [i for i in todo if not self.entries[i].done]
+        done = self.lineage["done"]
+        live = [i for i in todo if not done[i]]
         for i in todo:
-            if self.entries[i].done:
-                self.allowed[i] = self.ending[i] = np.zeros(self.vocab, bool)
+            if done[i]:
+                self.allowed[i] = self.ending[i] = np.zeros(self.words * 4, np.uint8)
         if not live:
             return
         buf = np.zeros((len(live), self.words), np.int32)
-        llnp.fill_next_token_bitmask_par(self.executor, [(self.entries[i].matcher, r) for r, i in enumerate(live)], buf)
+        llnp.fill_next_token_bitmask_par(self.executor, [(self._matcher(i), r) for r, i in enumerate(live)], buf)
         bits = np.unpackbits(buf.view(np.uint8), axis=1, bitorder="little")[:, : self.vocab].astype(bool)
         for r, i in enumerate(live):
-            e = self.entries[i]
-            spec = self.specs[e.spec]
+            e = self.lineage[i]
+            spec = self.specs[int(e["spec"])]
             ok = bits[r]
             ok[self.ll_eos[self.ll_eos < self.vocab]] = False  # the hole's own end rule decides end tokens
             ends = np.zeros(self.vocab, bool)
             if spec.kind == "eos":
-                if e.matcher.is_accepting():
+                if self._matcher(i).is_accepting():
                     ends[list(spec.end_ids)] = True
                     ok = ok | ends
             else:
                 past, end_at, _ = self.term[spec.text]
-                ok = ok & ~past[e.k]
-                for t in np.flatnonzero(ok & end_at[e.k]):  # the hole ends with t: the value must be complete
-                    c = e.matcher.deep_copy()
+                k = int(e["k"])
+                ok = ok & ~past[k]
+                for t in np.flatnonzero(ok & end_at[k]):  # the hole ends with t: the value must be complete
+                    c = self._matcher(i).deep_copy()
                     if c.consume_token(int(t)) and c.is_accepting():
                         ends[t] = True
                     else:
                         ok[t] = False
-            self.allowed[i] = ok
-            self.ending[i] = ends
+            self.allowed[i] = self._pack(ok)
+            self.ending[i] = self._pack(ends)
+
+    def _pack(self, row: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.words * 4, np.uint8)
+        packed = np.packbits(row, bitorder="little")
+        out[: packed.shape[0]] = packed
+        return out
 
     def masks(self, states: np.ndarray, ntok: np.ndarray, budget: np.ndarray) -> np.ndarray:
         """``[B, W] int32`` packed masks of the host states (rows with a state ``< base`` or done: empty): the
-        allowed tokens; none when the budget is spent; only tokens that end the hole on the last budgeted token."""
+        allowed tokens; none when the budget is spent; only tokens that end the hole on the last budgeted token.
+        The states given are taken to be every state in use (the pool may free the others: :meth:`_collect`)."""
         import time
 
         t0 = time.perf_counter()
@@ -261,6 +333,7 @@ class HostPool:
         host = np.flatnonzero(states >= self.base)
         with self.lock:
             idx = (states[host] - self.base) // 2
+            self._collect(np.unique(idx).tolist())
             left = np.clip(budget[host] - ntok[host], 0, 2)  # 0: spent, 1: the last token, 2: more
             keys, inverse = np.unique(idx * 3 + left, return_inverse=True)
             self._fill([int(k) // 3 for k in keys])
@@ -268,13 +341,17 @@ class HostPool:
             for u, key in enumerate(keys):
                 i, rule = divmod(int(key), 3)
                 if rule:
-                    row = np.packbits(self.ending[i] if rule == 1 else self.allowed[i], bitorder="little")
-                    packed[u, : row.shape[0]] = row
+                    packed[u] = self.ending[i] if rule == 1 else self.allowed[i]
             out[host] = packed[inverse.reshape(-1)]
             self.stats["mask_calls"] += 1
             self.stats["masks"] += int(keys.shape[0])
             self.stats["mask_s"] += time.perf_counter() - t0
+            self._held_stats()
         return out.view(np.int32)
+
+    def _held_stats(self) -> None:
+        self.stats["held"] = held = self.held
+        self.stats["held_max"] = max(self.stats["held_max"], held)
 
     # -- steps ---------------------------------------------------------------------------------------
 
@@ -293,36 +370,41 @@ class HostPool:
             pairs, inverse = np.unique(np.stack([idx, tokens[host]], axis=1), axis=0, return_inverse=True)
             new = np.full(pairs.shape[0], DISALLOWED, np.int32)
             for u, (i, t) in enumerate(pairs.tolist()):
-                child = self.children.get((i, t))
+                memo = self.children.setdefault(i, {})
+                child = memo.get(t)
                 if child is None:
-                    child = self.children[(i, t)] = self._child(i, t)
+                    child = memo[t] = self._child(i, t)
                 if child >= 0:
-                    new[u] = self.base + 2 * child + int(self.entries[child].done)
+                    new[u] = self.base + 2 * child + int(self.lineage[child]["done"])
             out[host] = new[inverse.reshape(-1)]
             self.stats["step_calls"] += 1
             self.stats["step_s"] += time.perf_counter() - t0
+            self._held_stats()
         return out
 
     def _child(self, i: int, t: int) -> int:
-        e = self.entries[i]
-        if e.done or not 0 <= t < self.vocab:
+        e = self.lineage[i]
+        if e["done"] or not 0 <= t < self.vocab:
             return DISALLOWED
         self._fill([i])
-        if not self.allowed[i][t]:
+        if not _bit(self.allowed[i], t):
             return DISALLOWED
         self.stats["steps"] += 1
-        spec = self.specs[e.spec]
-        if self.ending[i][t]:
-            return self._new(_Entry(None, e.spec, e.k, True))
-        c = e.matcher.deep_copy()
+        spec, k = int(e["spec"]), int(e["k"])
+        if _bit(self.ending[i], t):
+            return self._new(i, t, spec, k, True)
+        c = self._matcher(i).deep_copy()
         if not c.consume_token(t):  # (the mask allowed it: llguidance agrees)
             return DISALLOWED
-        k = int(self.term[spec.text][2][e.k, t]) if spec.kind == "text" else 0
-        return self._new(_Entry(c, e.spec, k, False))
+        text = self.specs[spec]
+        k = int(self.term[text.text][2][k, t]) if text.kind == "text" else 0
+        child = self._new(i, t, spec, k, False)
+        self.matchers[child] = c
+        return child
 
     def check(self, states) -> None:
         states = np.asarray(states).reshape(-1)
-        bad = states[(states >= self.base) & ((states - self.base) // 2 >= len(self.entries))]
+        bad = states[(states >= self.base) & ((states - self.base) // 2 >= self.size)]
         if bad.size:
             raise ValueError(f"host states {bad[:4].tolist()} are not in this run's pool")
 

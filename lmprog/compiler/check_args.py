@@ -152,6 +152,9 @@ def _check_strategy_relations(ck: CheckContext, strategy: str, bound: dict[str, 
         if values["burn_in"] >= steps:
             ck.error(bound["burn_in"].span, f"burn_in must be less than steps ({steps}): every state would be dropped",
                      f"keep at most {steps - 1} burn-in steps, or raise steps")
+    if strategy == "smc" and values.get("lookahead") and values.get("rejuvenate"):
+        ck.error(bound["lookahead"].span, "lookahead does not combine with rejuvenate: the MCMC moves would cut "
+                 "twisted trajectories (lmprog/inference/lookahead.py)", "use one of lookahead=k or rejuvenate=K")
     if strategy == "particle_gibbs" and values.get("particles") == 1:
         ck.error(bound["particles"].span, "particle_gibbs needs at least 2 particles: one of them is the reference")
 

@@ -24,7 +24,7 @@ UNKNOWN = object()
 class Binding:
     """What a name means at a point of the program.
 
-    ``kind``: input, let, hole, sample, loop, module, function. ``static``: its value is known before the run
+    ``kind``: input, let, hole, sample, loop, module, function, model (``model judge = "..."``). ``static``: its value is known before the run
     (inputs, and lets of static values outside branches and loops); ``value`` is that value when the checker
     knows it (literals), else UNKNOWN. ``maybe``: the span of the ``if`` after which it may be undefined.
     """
@@ -50,7 +50,8 @@ class Ctx:
 
 
 KIND_WORD = {"input": "an input", "let": "a let variable", "hole": "a hole", "sample": "a sampled value",
-             "loop": "a loop variable", "module": "an imported module", "function": "a function"}
+             "loop": "a loop variable", "module": "an imported module", "function": "a function",
+             "model": "a declared model"}
 """A binding kind in a message: ``'x' is a hole``."""
 
 

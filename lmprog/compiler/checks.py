@@ -13,7 +13,8 @@ checks:
 * **calls**: built-ins with the right number of arguments; ``functions=`` callables (their Python signature);
   ``h.f(...)`` where ``h`` is an ``import`` and ``f`` is defined in that file (read with Python's ``ast``, never
   executed); attribute access only on imported modules; ``range`` only as a ``for`` iterable; ``logprob`` of a
-  hole;
+  hole; ``logprob_of(TEXT, given=CONTEXT)`` and ``M.logprob_of(...)`` of a model declared with ``model M = "..."``
+  (strings; not in ``return``, ``where`` or ``infer`` arguments: it is scored in host statements);
 * **types** where they are known before the run (literals, declared inputs, holes are strings, ...): operators,
   comparisons, built-in arguments, input defaults, loop bounds;
 * **loops**: the iterable is known before the run: ``range(N)`` with integer N, or a list, built only from
@@ -96,6 +97,15 @@ class ImportSpec:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """``model alias = "name"``: a second model, scored with ``alias.logprob_of(...)`` (loaded at run time)."""
+
+    alias: str
+    name: str
+    span: Span = field(default=NO_SPAN, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class CheckedProgram:
     """Everything the checks learnt about a valid program."""
 
@@ -108,6 +118,7 @@ class CheckedProgram:
     strategy: Optional[StrategySpec]
     returns: tuple[tuple[str, A.Expr], ...]
     base_dir: Optional[Path] = None  # where relative grammar / json / import paths were looked up
+    models: dict = field(default_factory=dict)  # alias -> ModelSpec: the models of `model NAME = "..."`
 
 
 # ----------------------------------------------------------------------------------------------------- checker
@@ -127,6 +138,7 @@ class Checker:
         self.holes: list[HoleSpec] = []
         self.imports: dict[str, ImportSpec] = {}
         self.model: Optional[str] = None
+        self.models: dict[str, ModelSpec] = {}
         self.infer: Optional[A.InferStmt] = None
         self.return_stmt: Optional[A.Return] = None
         self.defined_anywhere = _all_bindings(module)
@@ -145,14 +157,20 @@ class Checker:
         env: Env = {name: Binding("function", "function", NO_SPAN) for name in self.functions}
         env = self.block(self.module.body, env, Ctx())
         strategy = check_infer(self, self.infer, env) if self.infer is not None else None
+        if self.infer is not None:
+            for kw in self.infer.kwargs:
+                self.no_lm_scores(kw.value, f"the {kw.name}= of a strategy", "compute it with a let")
         returns = self.returns(env)
+        for _, v in returns:
+            self.no_lm_scores(v, "a return value", "compute it with a let before the return: "
+                                                   "let r = logprob_of(...)")
         if self.diagnostics:
             raise LmpError(self.diagnostics)
         first: dict[str, HoleSpec] = {}
         for h in self.holes:
             first.setdefault(h.name, h)
         return CheckedProgram(self.module, dict(self.inputs), first, tuple(self.holes), dict(self.imports),
-                              self.model, strategy, returns, self.base_dir)
+                              self.model, strategy, returns, self.base_dir, dict(self.models))
 
     # ---------------------------------------------------------------------------------------------- structure
 
@@ -176,15 +194,20 @@ class Checker:
                                        'write a registered name such as "smollm2-135m", or a path')
                     else:
                         self.infer = stmt
+            if isinstance(stmt, A.ModelDecl):
+                if not stmt.name.strip():
+                    self.error(stmt.path_span, "the model name is empty",
+                               'write a registered name such as "smollm2-135m", or a path')
+                self.models.setdefault(stmt.alias, ModelSpec(stmt.alias, stmt.name, span=stmt.span))
             if isinstance(stmt, A.Return):
                 if i != len(body) - 1:
                     self.error(stmt.span, "return must be the last statement of the program",
                                "move it to the end; nothing after a return would run")
                 self.return_stmt = stmt
         for stmt in _nested_statements(body):
-            if isinstance(stmt, (A.ModelStmt, A.InferStmt, A.InputStmt, A.ImportStmt, A.Return)):
-                word = {A.ModelStmt: "model", A.InferStmt: "infer", A.InputStmt: "input", A.ImportStmt: "import",
-                        A.Return: "return"}[type(stmt)]
+            if isinstance(stmt, (A.ModelStmt, A.ModelDecl, A.InferStmt, A.InputStmt, A.ImportStmt, A.Return)):
+                word = {A.ModelStmt: "model", A.ModelDecl: "model", A.InferStmt: "infer", A.InputStmt: "input",
+                        A.ImportStmt: "import", A.Return: "return"}[type(stmt)]
                 self.error(stmt.span, f"'{word}' must be at the top level of the program, not inside if/for")
 
     # --------------------------------------------------------------------------------------------- statements
@@ -200,6 +223,9 @@ class Checker:
 
     def s_ModelStmt(self, s, env, ctx):
         return env
+
+    def s_ModelDecl(self, s: A.ModelDecl, env: Env, ctx: Ctx) -> Env:
+        return self.bind(s.alias, Binding("model", "model", s.name_span), env, s.name_span, ctx)
 
     def s_InferStmt(self, s, env, ctx):
         return env  # checked at the end: score= / key= may name anything the program defines
@@ -391,6 +417,8 @@ class Checker:
     # ------------------------------------------------------------------------------------------- constraints
 
     def constraints(self, stmt, where, holes: dict[str, Span], before: Env, after: Env, ctx: Ctx) -> None:
+        if where is not None:
+            self.no_lm_scores(where, "a where clause", "compute it with a let before the template")
         per_hole = check_where(self, where, holes, before, after)
         for name, c in per_hole.items():  # a json hole's value is the parsed JSON value, not its text
             if any(isinstance(t, A.JsonC) for t in conjuncts(c)) and name in after:
@@ -480,6 +508,9 @@ class Checker:
             return "any"
         if b.kind == "function":
             self.error(e.span, f"'{e.id}' is a function: call it as {e.id}(...)")
+            return "any"
+        if b.kind == "model":
+            self.error(e.span, f"'{e.id}' is a model: score text with {e.id}.logprob_of(TEXT, given=CONTEXT)")
             return "any"
         return b.type
 
@@ -622,6 +653,10 @@ class Checker:
         """Check ``module.name``; reports any other attribute access. True if it is a valid module member."""
         if isinstance(e.value, A.Name):
             b = env.get(e.value.id)
+            if b is not None and b.kind == "model":
+                self.error(e.span, f"'{e.value.id}' is a model: its one function is "
+                           f"{e.value.id}.logprob_of(TEXT, given=CONTEXT), called")
+                return False
             if b is not None and b.kind == "module":
                 spec = self.imports.get(e.value.id)
                 if spec is not None and spec.names is not None and e.attr not in spec.names:
@@ -641,6 +676,8 @@ class Checker:
 
     def e_Call(self, e: A.Call, env: Env) -> str:
         func = e.func
+        if isinstance(func, A.Attribute) and isinstance(func.value, A.Name) and self.is_model_call(func, env):
+            return self.model_call(e, func, env)
         if isinstance(func, A.Attribute):
             self.module_attribute(func, env)
             self.call_args(e, env)
@@ -701,6 +738,8 @@ class Checker:
         spec = BUILTINS[name]
         if name == "logprob":
             return self.logprob_call(e, env)
+        if name == "logprob_of":
+            return self.logprob_of_call(e, "logprob_of", env)
         types = self.call_args(e, env)
         n = len(e.args) + len(e.kwargs)
         if spec.varargs:
@@ -750,6 +789,70 @@ class Checker:
             self.error(arg.span, f"logprob() needs a hole, and '{arg.id}' is {KIND_WORD[b.kind]}")
         return "float"
 
+    def is_model_call(self, func: A.Attribute, env: Env) -> bool:
+        """Whether ``NAME.attr(...)`` is meant as a model's call: NAME is a declared model, or NAME is bound to
+        nothing (no import, no other name) and attr is ``logprob_of``."""
+        b = env.get(func.value.id)
+        if b is not None:
+            return b.kind == "model" or (func.attr == "logprob_of" and b.kind != "module")
+        return func.attr == "logprob_of" and func.value.id not in self.defined_anywhere
+
+    def model_call(self, e: A.Call, func: A.Attribute, env: Env) -> str:
+        """``M.logprob_of(TEXT, given=CONTEXT)``: M must be a model declared with ``model M = "..."``."""
+        alias = func.value.id
+        b = env.get(alias)
+        if b is None or b.kind != "model":
+            declared = [n for n, b in env.items() if b.kind == "model"]
+            self.call_args(e, env)
+            what = f"unknown model '{alias}'" if b is None else f"'{alias}' is {KIND_WORD[b.kind]}, not a model"
+            listed = f"declared models: {', '.join(declared)}" if declared else "no model is declared"
+            self.error(func.value.span, what + suggestion(alias, declared),
+                       listed + ("; " + f'declare one with model {alias} = "NAME-OR-PATH"' if b is None else "")
+                       + "; score under the program's model with logprob_of(TEXT, given=CONTEXT)")
+            return "float"
+        if func.attr != "logprob_of":
+            self.call_args(e, env)
+            self.error(func.span, f"a model has no function '{func.attr}'" + suggestion(func.attr, ["logprob_of"]),
+                       f"{alias}.logprob_of(TEXT, given=CONTEXT) is the log-probability of TEXT after CONTEXT")
+            return "float"
+        return self.logprob_of_call(e, f"{alias}.logprob_of", env)
+
+    def logprob_of_call(self, e: A.Call, name: str, env: Env) -> str:
+        """``logprob_of(TEXT, given=CONTEXT)``: one positional string and the keyword ``given=``, a string."""
+        types = self.call_args(e, env)
+        usage = f"{name}(TEXT, given=CONTEXT): the log-probability of the string TEXT after the string CONTEXT"
+        ok = True
+        for kw in e.kwargs:
+            if kw.name != "given":
+                self.error(kw.name_span, f"{name}() has no parameter '{kw.name}'"
+                           + suggestion(kw.name, ["given"]), usage)
+                ok = False
+        if len(e.args) != 1:
+            self.error(e.span, f"{name}() takes one positional argument, the text ({len(e.args)} given)", usage)
+            ok = False
+        elif not any(kw.name == "given" for kw in e.kwargs) and ok:
+            self.error(e.span, f"{name}() needs the context as a keyword argument given=...", usage)
+        if ok and e.args and types[0] not in ("str", "any"):
+            self.error(e.args[0].span, f"{name}() scores a string, not {_a(types[0])}",
+                       "convert it with str(...), or use an f-string")
+        for kw in e.kwargs:
+            if kw.name == "given":
+                typ = self.expr(kw.value, env)
+                if typ not in ("str", "any"):
+                    self.error(kw.value.span, f"the context given= of {name}() must be a string, not {_a(typ)}",
+                               "convert it with str(...), or use an f-string")
+        return "float"
+
+    def no_lm_scores(self, node: A.Node, where: str, help: str) -> None:
+        """Report a ``logprob_of`` call in ``node``: LM scores are computed in host statements (let, condition,
+        factor, if, sample arguments, interpolations), batched over the particles of one step."""
+        for sub in A.walk(node):
+            if isinstance(sub, A.Call) and _is_logprob_of(sub.func):
+                self.error(sub.span, f"logprob_of() cannot be used in {where}",
+                           "it is scored for all particles at once in a statement of the program (let, "
+                           f"condition, factor, if, a template); {help}")
+                return
+
     # ----------------------------------------------------------------------------------------------- statics
 
     def is_static(self, e: A.Expr, env: Env) -> bool:
@@ -761,7 +864,7 @@ class Checker:
                     return False
             if isinstance(node, A.Call):
                 f = node.func
-                if not isinstance(f, A.Name) or f.id in ("tokens", "logprob") or f.id not in BUILTINS:
+                if not isinstance(f, A.Name) or f.id in ("tokens", "logprob", "logprob_of") or f.id not in BUILTINS:
                     return False
         return True
 
@@ -779,7 +882,7 @@ class Checker:
             if isinstance(node, A.Call):
                 f = node.func
                 if isinstance(f, A.Attribute) or (isinstance(f, A.Name) and (
-                        f.id in ("tokens", "logprob") or f.id in self.functions)):
+                        f.id in ("tokens", "logprob", "logprob_of") or f.id in self.functions)):
                     self.error(node.span, f"{what} must be known before the run; this call runs during the run",
                                "use literals, inputs, or lets of those (outside if/for)")
                     return False
@@ -942,6 +1045,11 @@ def _merge_loop(before: Env, after: Env, var: str) -> Env:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+def _is_logprob_of(f: A.Expr) -> bool:
+    """Whether a call's function is ``logprob_of`` or ``M.logprob_of``."""
+    return (isinstance(f, A.Name) and f.id == "logprob_of") or (isinstance(f, A.Attribute) and f.attr == "logprob_of")
+
+
 def _nested_statements(body: tuple[A.Stmt, ...]):
     """Statements inside if/for blocks (not the top level)."""
     stack: list[A.Stmt] = []
@@ -966,8 +1074,8 @@ def _all_bindings(module: A.Module) -> dict[str, Span]:
     """Every name the program binds anywhere, with its first binding's span (for better messages)."""
     out: dict[str, Span] = {}
     for node in A.walk(module):
-        if isinstance(node, (A.InputStmt, A.Let, A.SampleStmt, A.Gen, A.For, A.ImportStmt)):
-            name = node.alias if isinstance(node, A.ImportStmt) else (
+        if isinstance(node, (A.InputStmt, A.Let, A.SampleStmt, A.Gen, A.For, A.ImportStmt, A.ModelDecl)):
+            name = node.alias if isinstance(node, (A.ImportStmt, A.ModelDecl)) else (
                 node.var if isinstance(node, A.For) else node.name)
             out.setdefault(name, node.name_span)
         elif isinstance(node, A.Hole):
@@ -1098,5 +1206,5 @@ def check_module(module: A.Module, source: SourceFile, functions: Optional[Mappi
     return checker.run()
 
 
-__all__ = ["Binding", "CheckedProgram", "Checker", "HoleSpec", "ImportSpec", "InputSpec", "StrategySpec",
+__all__ = ["Binding", "CheckedProgram", "Checker", "HoleSpec", "ImportSpec", "InputSpec", "ModelSpec", "StrategySpec",
            "check_module"]

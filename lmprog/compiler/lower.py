@@ -107,12 +107,14 @@ def _hole_key(compiled) -> str:
 
 
 def lower(program, tokenizer, inputs: Mapping[str, Any], *, seed: int = 0,
-          default_max_tokens: int = 256, heal: bool = True) -> Lowered:
+          default_max_tokens: int = 256, heal: bool = True, scorers=None) -> Lowered:
     """Lower ``program`` with the (already resolved) ``inputs`` for ``tokenizer``. ``heal``: move a space that
     ends the prompt before a hole into the hole (see :func:`~lmprog.compiler.healing.heal_space`).
     ``default_max_tokens``: the token budget of a hole without a ``tokens(X)`` bound (the strategy's
-    ``max_tokens``); it bounds the text that interpolates such a hole's value."""
-    return Lowering(program, tokenizer, dict(inputs), seed, default_max_tokens, heal=heal).run()
+    ``max_tokens``); it bounds the text that interpolates such a hole's value. ``scorers``: what ``logprob_of``
+    scores with, ``{None: the program's model's, alias: each declared model's}``
+    (:class:`lmprog.backends.scoring.Scorer`)."""
+    return Lowering(program, tokenizer, dict(inputs), seed, default_max_tokens, heal=heal, scorers=scorers).run()
 
 
 @dataclass
@@ -150,14 +152,14 @@ class Lowering:
     """The lowering visitor: one walk over a checked program's statements, collecting the engine segments,
     the compiled holes (``compiled``, in table order) and the display names of the engine holes."""
 
-    def __init__(self, program, tokenizer, inputs, seed, default_max_tokens, *, heal: bool = True):
+    def __init__(self, program, tokenizer, inputs, seed, default_max_tokens, *, heal: bool = True, scorers=None):
         self.p = program
         self.tokenizer = tokenizer
         self.inputs = inputs
         self.seed = int(seed)
         self.default_max_tokens = int(default_max_tokens)
         self.healing = bool(heal)
-        self.runtime = Runtime(program, tokenizer)
+        self.runtime = Runtime(program, tokenizer, scorers)
         self.segments: list = []
         self.compiled: list = []  # CompiledHole per engine hole, in order
         self.hole_index: dict[str, int] = {}  # engine hole name -> index into compiled
@@ -316,7 +318,7 @@ class Lowering:
         node = self.first_node
         if node is None:
             body = [s for s in self.p.ast.body
-                    if not isinstance(s, (A.ModelStmt, A.InferStmt, A.InputStmt, A.ImportStmt))]
+                    if not isinstance(s, (A.ModelStmt, A.ModelDecl, A.InferStmt, A.InputStmt, A.ImportStmt))]
             node = body[0] if body else None
         what = _describe_start(node, first)
         span = node.span if node is not None else file_span(self.p)
@@ -351,7 +353,7 @@ class Lowering:
         return scope
 
     def stmt(self, s, scope, guard, loop_index) -> dict:
-        if isinstance(s, (A.ModelStmt, A.InferStmt, A.InputStmt, A.ImportStmt, A.Return)):
+        if isinstance(s, (A.ModelStmt, A.ModelDecl, A.InferStmt, A.InputStmt, A.ImportStmt, A.Return)):
             return scope
         method = getattr(self, "s_" + type(s).__name__)
         if not self.pending.parts:
@@ -401,6 +403,7 @@ class Lowering:
 
         def render(view):
             act = active(guard, view)
+            runtime.prefetch([(p[0], p[2]) for p in parts if not isinstance(p, str)], view, np.flatnonzero(act))
             out = []
             for i in range(len(view)):
                 if not act[i]:
@@ -675,6 +678,8 @@ class Lowering:
             act = active(guard, view)
             inc = np.zeros(len(view), np.float64)
             errors = []
+            if compute is None:  # logprob_of in the expression: scored for every active particle at once
+                runtime.prefetch([(expr, scope)], view, np.flatnonzero(act))
             for i in np.flatnonzero(act):
                 try:
                     v = runtime.eval_for(expr, scope, view, i) if compute is None else compute(view, i, scope)
@@ -751,6 +756,7 @@ class Lowering:
             idx = np.flatnonzero(act)
             if idx.size == 0:
                 return None
+            runtime.prefetch([(a, sc) for a in s.args] + [(k.value, sc) for k in s.kwargs], view, idx)
             args = []
             for i in idx:
                 try:
@@ -783,6 +789,7 @@ class Lowering:
             act = active(guard, view)
             inc = np.zeros(len(view))
             errors = 0
+            runtime.prefetch([(t, sc) for t in tests], view, np.flatnonzero(act))
             for i in np.flatnonzero(act):
                 chosen = len(tests)
                 try:

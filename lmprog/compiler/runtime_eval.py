@@ -4,8 +4,21 @@ The lowering resolves names through *references* (:class:`Ref`): a static value,
 per-particle host value (``view.data``), a list of references (loops), or a per-particle branch choice (after
 an ``if``). At run time an expression is evaluated for particle ``i`` of a host view (:func:`eval_for`) or of a
 finished sample, with Python semantics (:class:`RunEvaluator`) and the run-time built-ins: ``tokens`` (the
-model's tokenizer), ``logprob`` (of the holes completed so far), and the Python callables of the program
-(:class:`Runtime`: ``functions=`` callables and ``import "file.py" as h`` modules).
+model's tokenizer), ``logprob`` (of the holes completed so far), ``logprob_of`` / ``M.logprob_of`` (scores of
+given text under a model, computed on the device for all particles of a host step at once: :meth:`Runtime.prefetch`)
+and the Python callables of the program (:class:`Runtime`: ``functions=`` callables and ``import "file.py" as h``
+modules).
+
+**LM scores are batched, in two phases.** A host step (the lowering's ``let``/``condition``/``factor``/``if``/
+``sample`` segments and rendered text) first calls :meth:`Runtime.prefetch` with its expressions and its active
+particles. If an expression calls ``logprob_of``, prefetch evaluates it for every particle in *collect* mode: each
+``logprob_of`` whose score is not known yet records its request ``(model, context, text)`` and returns 0 (a
+stand-in; that evaluation's result and errors are discarded), then every recorded request is scored in one batched
+call per model (:class:`lmprog.backends.scoring.Scorer`, duplicates once). It repeats while new requests appear (a
+request whose text depends on another score needs a second round), then the step evaluates each particle as usual,
+every ``logprob_of`` now a look-up. An expression that calls ``logprob_of`` is therefore evaluated more than once
+per particle: the Python functions it calls should be pure. Expressions without ``logprob_of`` are evaluated once,
+as before.
 
 Every call into the user's Python code (:meth:`Runtime.call`: functions in expressions, predicates, the import
 of a module) is guarded: an exception becomes a :class:`~lmprog.compiler.errors.HostError` located at the
@@ -21,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
-import json
 import math
 import os
 import signal
@@ -36,13 +48,14 @@ import numpy as np
 
 from lmprog.compiler.bytedfa import RegexError, regex_fullmatch
 from lmprog.compiler.errors import HostAbort, HostError, diagnostic, lowering_error
+from lmprog.compiler.json_text import JsonArray, JsonObject, json_hole_value
 from lmprog.compiler.regex_compile import LIMIT_HELP, RegexLimitError
 from lmprog.dsl import ast as A
 from lmprog.dsl.static import PURE_BUILTINS, Evaluator, StaticError
 
 __all__ = ["DEFAULT_HOST_TIMEOUT", "HostTimeout", "ParticleContext", "Ref", "RunEvaluator", "Runtime", "active",
            "call_limited", "check_factor", "guarded_ref", "hole_names", "host_time_limit", "resolve", "static_ref",
-           "to_text", "view_logprobs"]
+           "to_text", "uses_lm_scores", "view_logprobs"]
 
 
 # --------------------------------------------------------------------------------------------- references
@@ -97,9 +110,9 @@ def resolve(ref: Ref, ctx: ParticleContext) -> Any:
         return ref.value
     if k == "hole":
         return ctx.values.get(ref.value)
-    if k == "json":  # a json() hole: its parsed value
+    if k == "json":  # a json() hole: its parsed value (objects and arrays print as JSON: json_text)
         text = ctx.values.get(ref.value)
-        return None if text is None else json.loads(text)
+        return None if text is None else json_hole_value(text)
     if k == "data":
         return ctx.data.get(ref.value)
     if k == "list":
@@ -133,7 +146,8 @@ def active(guard: tuple, view) -> np.ndarray:
 
 
 def to_text(v) -> str:
-    """A value interpolated into text: booleans as the language writes them, ``None`` as nothing."""
+    """A value interpolated into text: booleans as the language writes them, ``None`` as nothing, the objects and
+    arrays of a json hole as JSON text (their ``str``: :mod:`lmprog.compiler.json_text`)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if v is None:
@@ -306,6 +320,30 @@ def check_factor(value: Any) -> Optional[str]:
     return None
 
 
+# --------------------------------------------------------------------------------------------- LM scores
+
+#: Collect rounds of one host step before its remaining ``logprob_of`` requests count as failed (each round
+#: resolves one level of scores whose arguments depend on other scores).
+MAX_SCORE_ROUNDS = 8
+
+_MISSING = object()
+
+
+def lm_score_model(f: A.Expr) -> Any:
+    """For a call's function: ``None`` for ``logprob_of`` (the program's model), the alias for
+    ``M.logprob_of``, else ``_MISSING`` (not an LM score)."""
+    if isinstance(f, A.Name) and f.id == "logprob_of":
+        return None
+    if isinstance(f, A.Attribute) and f.attr == "logprob_of" and isinstance(f.value, A.Name):
+        return f.value.id
+    return _MISSING
+
+
+def uses_lm_scores(expr: A.Node) -> bool:
+    """Whether ``expr`` calls ``logprob_of`` (of any model)."""
+    return any(isinstance(n, A.Call) and lm_score_model(n.func) is not _MISSING for n in A.walk(expr))
+
+
 # --------------------------------------------------------------------------------------------- the runtime
 
 
@@ -314,11 +352,58 @@ class Runtime:
     bare name), the program's imported modules (``import "helpers.py" as h``, loaded once, relative to the
     program's file) and the model's tokenizer (``tokens(X)``)."""
 
-    def __init__(self, program, tokenizer):
+    def __init__(self, program, tokenizer, scorers: Optional[Mapping[Optional[str], Any]] = None):
         self.program = program
         self.tokenizer = tokenizer
         self.functions = dict(program.functions)
         self.modules: dict[str, Any] = {}
+        # logprob_of: the scorer of each model (None: the program's own; aliases of `model M = "..."`), and the
+        # scores of the current host step, {(model, context, text): float or the error that request gave}
+        self.scorers: dict[Optional[str], Any] = dict(scorers or {})
+        self.scores: dict[tuple, Any] = {}
+        self._uses_scores: dict[int, bool] = {}
+
+    def prefetch(self, items, view, idx) -> None:
+        """Score, in one batched call per model, every ``logprob_of`` that the expressions ``items``
+        (``[(expr, scope), ...]``) make for the particles ``idx`` of ``view`` (module docstring); afterwards
+        :meth:`eval_for` finds each score in :attr:`scores`. A no-op for expressions without ``logprob_of``."""
+        items = [(e, sc) for e, sc in items if self._needs_scores(e)]
+        self.scores = {}
+        if not items or len(idx) == 0:
+            return
+        for _ in range(MAX_SCORE_ROUNDS):
+            missing: dict[tuple, None] = {}
+            for i in idx:
+                ctx = ParticleContext(view.values[i], view.data[i], view_logprobs(view, i))
+                for expr, scope in items:
+                    try:
+                        RunEvaluator(scope, ctx, self, collect=missing).eval(expr)
+                    except (Exception, HostAbort):  # noqa: BLE001 - a stand-in pass: the real one reports it
+                        pass
+            if not missing:
+                return
+            self._score(list(missing))
+
+    def _needs_scores(self, expr) -> bool:
+        key = id(expr)
+        if key not in self._uses_scores:
+            self._uses_scores[key] = uses_lm_scores(expr)
+        return self._uses_scores[key]
+
+    def _score(self, requests: list[tuple]) -> None:
+        """Score ``requests`` (``(model, context, text)``) into :attr:`scores`: one batch per scorer (a judge
+        that is the program's own model, e.g. both "smollm2-135m", shares its batch)."""
+        by_scorer: dict[int, tuple[Any, list[tuple]]] = {}
+        for r in requests:
+            scorer = self.scorers.get(r[0])
+            if scorer is None:
+                what = "the program's model" if r[0] is None else f"the model '{r[0]}'"
+                self.scores[r] = StaticError(f"{what} is not available to score text (lower(..., scorers=...))")
+                continue
+            by_scorer.setdefault(id(scorer), (scorer, []))[1].append(r)
+        for scorer, reqs in by_scorer.values():
+            for r, v in zip(reqs, scorer.score([(c, t) for _, c, t in reqs])):
+                self.scores[r] = v
 
     def error(self, span, message: str, help: Optional[str] = None) -> HostError:
         """A :class:`HostError` located at ``span`` of the program."""
@@ -424,12 +509,15 @@ class Runtime:
 
 class RunEvaluator(Evaluator):
     """Python semantics for one particle (names resolved through references), with the run-time built-ins:
-    ``tokens`` (the model's tokenizer), ``logprob`` (of the holes completed so far), imported and ``functions=``
-    callables."""
+    ``tokens`` (the model's tokenizer), ``logprob`` (of the holes completed so far), ``logprob_of`` (a look-up of
+    the score :meth:`Runtime.prefetch` computed; ``collect`` mode records unknown requests), imported and
+    ``functions=`` callables."""
 
-    def __init__(self, scope: Mapping[str, Ref], ctx: ParticleContext, runtime: Runtime):
+    def __init__(self, scope: Mapping[str, Ref], ctx: ParticleContext, runtime: Runtime,
+                 collect: Optional[dict] = None):
         super().__init__({})
         self.scope, self.ctx, self.runtime = scope, ctx, runtime
+        self.collect = collect  # collect mode (Runtime.prefetch): unknown LM scores are recorded here, 0 returned
 
     def _Name(self, e: A.Name):
         ref = self.scope.get(e.id)
@@ -474,6 +562,25 @@ class RunEvaluator(Evaluator):
             raise HostAbort(self.runtime.error(pattern_e.span, f"cannot match against the regex "
                                                f"{short_value(pattern)}: {exc.reason}", help)) from None
 
+    def _logprob_of(self, e: A.Call, model: Optional[str]) -> float:
+        """``logprob_of(TEXT, given=CONTEXT)``: the score :meth:`Runtime.prefetch` computed for this request."""
+        name = "logprob_of" if model is None else f"{model}.logprob_of"
+        text = self.eval(e.args[0])
+        context = self.eval(next(k.value for k in e.kwargs if k.name == "given"))
+        if not isinstance(text, str) or not isinstance(context, str):
+            raise StaticError(f"{name}() scores strings, not {describe(text)} given {describe(context)}")
+        key = (model, context, text)
+        got = self.runtime.scores.get(key, _MISSING)
+        if got is _MISSING:
+            if self.collect is not None:
+                self.collect[key] = None
+                return 0.0
+            raise StaticError(f"{name}() is scored only in the statements of a program (let, condition, factor, "
+                              "if, a template), for all particles at once")
+        if isinstance(got, Exception):
+            raise StaticError(f"{name}(): {got}")
+        return got
+
     def _FString(self, e: A.FString):
         return "".join(p.value if isinstance(p, A.Text) else format(self.eval(p.expr), p.fmt or "")
                        for p in e.parts)
@@ -489,6 +596,12 @@ class RunEvaluator(Evaluator):
         if isinstance(f, A.Name) and f.id == "tokens":
             value = self.eval(e.args[0])
             return self.runtime.count_tokens(str(value))
+        model = lm_score_model(f)
+        if model is not _MISSING and (model is None or model not in self.runtime.program.imports):
+            return self._logprob_of(e, model)
+        if isinstance(f, A.Name) and f.id == "str" and len(e.args) == 1 and not e.kwargs:
+            value = self.eval(e.args[0])  # a json hole's object/array: its JSON text (a plain collection: error)
+            return str(value) if isinstance(value, (JsonObject, JsonArray)) else PURE_BUILTINS["str"](value)
         if isinstance(f, A.Name) and f.id in PURE_BUILTINS:
             return super()._Call(e)
         fn = self.runtime.callable_of(f)

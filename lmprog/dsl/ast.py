@@ -31,7 +31,7 @@ Constraints (:data:`Constraint`, the ``where`` clause, classified from its expre
     that is no constraint at all (the checker reports it; it never survives a successful check).
 
 Statements (:data:`Stmt`)
-    ``ModelStmt(name)``, ``InferStmt(strategy, args, kwargs)``, ``InputStmt(name, type, default)``,
+    ``ModelStmt(name)``, ``ModelDecl(alias, name)`` (``model judge = "..."``), ``InferStmt(strategy, args, kwargs)``, ``InputStmt(name, type, default)``,
     ``ImportStmt(path, alias)``, ``Template(parts, where)``, ``Turn(parts, where, role)`` (a chat turn: a
     ``Template`` subclass, so every walk that handles templates handles turns), ``Gen(name, where)``, ``Observe(parts)``,
     ``SampleStmt(name, dist, args, kwargs)``, ``Let(name, value)``, ``Condition(test)``, ``Factor(value)``,
@@ -356,6 +356,17 @@ class ModelStmt(Node):
 
 
 @dataclass(frozen=True)
+class ModelDecl(Node):
+    """``model ALIAS = "NAME-OR-PATH"``: a second model (a judge), scored with ``ALIAS.logprob_of(...)``; the
+    program's own model stays the one of ``model "..."`` (``ModelStmt``)."""
+
+    alias: str
+    name: str
+    name_span: Span = field(**_SPAN)  # the alias
+    path_span: Span = field(**_SPAN)
+
+
+@dataclass(frozen=True)
 class InferStmt(Node):
     strategy: str
     args: tuple[Expr, ...] = ()
@@ -485,7 +496,7 @@ class Return(Node):
     values: tuple[Expr, ...]
 
 
-Stmt = Union[ModelStmt, InferStmt, InputStmt, ImportStmt, Template, Turn, Gen, Observe, SampleStmt, Let, Condition,
+Stmt = Union[ModelStmt, ModelDecl, InferStmt, InputStmt, ImportStmt, Template, Turn, Gen, Observe, SampleStmt, Let, Condition,
              Factor, If, For, Return]
 
 

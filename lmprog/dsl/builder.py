@@ -127,6 +127,10 @@ class Builder:
     def s_model_stmt(self, tree, ch):
         return A.ModelStmt(self.plain_string(ch[0], "the model name"), span=self.tree_span(tree))
 
+    def s_model_decl(self, tree, ch):
+        return A.ModelDecl(self.name(ch[0]), self.plain_string(ch[1], "the model name"), span=self.tree_span(tree),
+                           name_span=self.sp(ch[0]), path_span=self.sp(ch[1]))
+
     def s_infer_stmt(self, tree, ch):
         args, kwargs = self.arguments(ch[1])
         return A.InferStmt(str(ch[0]), args, kwargs, span=self.tree_span(tree), name_span=self.sp(ch[0]))

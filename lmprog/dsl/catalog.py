@@ -73,6 +73,9 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in (
     Builtin("log", ("x", "base"), 1, "float", doc="natural log (or log to base)"),
     Builtin("exp", ("x",), 1, "float", doc="e ** x"),
     Builtin("logprob", ("hole",), 1, "float", doc="LM log-probability of a hole as generated"),
+    Builtin("logprob_of", ("text", "given"), 2, "float",
+            doc="log-probability of text after the context given= under the program's model (M.logprob_of: "
+                "under the model declared as M)"),
 )}
 
 #: Names of the constraint forms written as calls (``matches`` and ``in`` are operators).

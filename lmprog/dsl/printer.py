@@ -52,6 +52,8 @@ def _stmt(s: A.Stmt, depth: int, out: list[str]) -> None:
     p = _Printer('"')
     if isinstance(s, A.ModelStmt):
         out.append(f"{pad}model {string_literal(s.name)}")
+    elif isinstance(s, A.ModelDecl):
+        out.append(f"{pad}model {s.alias} = {string_literal(s.name)}")
     elif isinstance(s, A.InferStmt):
         out.append(f"{pad}infer {s.strategy}({p.arguments(s.args, s.kwargs)})")
     elif isinstance(s, A.InputStmt):

@@ -13,7 +13,9 @@ by everything the trace depends on:
 * the module constants the kernels read when traced (upper-case numbers and flags of the kernel, engine, state,
   table and Llama modules, which tests change);
 * the source of every lmprog module, the versions of jax and jaxlib, the backend, device kind and CPU flags
-  (an executable compiled for one CPU may not run on another).
+  (an executable compiled for one CPU may not run on another), and the process's place in a ``jax.distributed``
+  run and its first device (:func:`_devices`). Sharded runs (particles over devices,
+  :mod:`lmprog.inference.sharding`) pass arrays on several devices, so they always run through ``jax.jit``.
 
 A call with a new signature loads the executable from disk if it is there (no trace, no lowering), else
 compiles it through ``jax.jit(...).lower(...).compile()`` and writes it. That compilation bypasses XLA's own
@@ -91,6 +93,13 @@ def _environment() -> str:
     return h.hexdigest()
 
 
+def _devices() -> tuple:
+    """The devices an executable runs on: a kernel without array arguments is compiled for the default device,
+    whose id differs between the processes of a ``jax.distributed`` run (process 1's executable cannot run in
+    process 0). Executables taking arrays on several devices are never kept (:func:`_leaf_signature`)."""
+    return jax.process_count(), jax.process_index(), jax.local_devices()[0].id
+
+
 def _constants() -> str:
     parts = []
     for name in CONSTANT_MODULES:
@@ -106,8 +115,9 @@ def _constants() -> str:
 def _leaf_signature(x):
     """A leaf's shape, dtype and weak type, or None where the leaf cannot be keyed safely."""
     if isinstance(x, jax.Array):
-        if len(x.sharding.device_set) != 1:
-            return None
+        devs = x.sharding.device_set
+        if len(devs) != 1 or (getattr(x, "committed", False) and devs != set(jax.local_devices()[:1])):
+            return None  # kept executables run on the first local device (_devices)
         return (x.shape, str(x.dtype), bool(getattr(x, "weak_type", False)))
     if isinstance(x, np.ndarray):
         return (x.shape, str(x.dtype), False)
@@ -150,7 +160,7 @@ class DiskJit:
 
     def _path(self, sig) -> Path:
         tree, static, sigs = sig
-        text = repr((self.name, self.key, str(tree), static, sigs, _constants(), _environment()))
+        text = repr((self.name, self.key, str(tree), static, sigs, _constants(), _environment(), _devices()))
         return cache_dir() / "kernels" / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.bin"
 
     def _load_or_compile(self, sig, args, kwargs):
@@ -164,7 +174,10 @@ class DiskJit:
         if path.is_file():
             try:
                 payload, out_tree = pickle.loads(path.read_bytes())
-                compiled = serialize_executable.deserialize_and_load(payload, sig[0], out_tree)
+                # On this process's first device, where it was compiled (the default: every device of the
+                # backend, which on a machine of several devices, or in a jax.distributed run, is not it).
+                compiled = serialize_executable.deserialize_and_load(payload, sig[0], out_tree,
+                                                                     execution_devices=jax.local_devices()[:1])
                 _touch(path)
                 LOADS[self.name] += 1
                 return compiled

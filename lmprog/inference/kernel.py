@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lmprog.automata.table import TokenTable
-from lmprog.inference import resampling
+from lmprog.inference import lookahead, resampling
 from lmprog.inference.segments import Cause
 from lmprog.inference.aot import DiskJit
 from lmprog.inference.state import Consts, HoleParams, Particles, RunState
@@ -53,6 +53,9 @@ class KernelConfig:
         distinct: sample/argmax steps run the LM once per distinct history (:meth:`Kernels._distinct_step`),
             in blocks of bounded size; ``False``: every particle through the LM every step (the reference the
             distinct step is tested against). Beam search always runs every beam.
+        lookahead: ``k > 0``: propose hole tokens from the one-step twisted proposal of
+            :mod:`lmprog.inference.lookahead` (the next step's allowed mass folded in for ``k`` ending candidates,
+            taken out of the weight at the next step: the target is unchanged); ``0``: the masked LM.
     """
 
     select: str = "sample"
@@ -64,6 +67,7 @@ class KernelConfig:
     stop_on_resample: bool = False
     conditional: bool = False
     distinct: bool = True
+    lookahead: int = 0
 
     def __post_init__(self):
         if self.select not in ("sample", "argmax", "beam"):
@@ -72,6 +76,9 @@ class KernelConfig:
             resampling.get_resampler(self.resampler)
         if self.select == "beam" and (self.resampler is not None or self.groups != 1):
             raise ValueError("beam search has no resampling and a single group")
+        if self.lookahead and (self.select != "sample" or not self.weighted or self.trace or self.conditional):
+            raise ValueError("lookahead needs properly weighted sampling without traced moves (importance, or smc "
+                             "without rejuvenate)")
 
 
 def _safe_max(x, axis=-1, keepdims=False):
@@ -410,6 +417,14 @@ class Kernels:
         active = self.running(p, hp)
         lse_all = jax.nn.logsumexp(z, axis=-1)
         masked = jnp.where(ok, z, NEG_INF)
+        num = p.last.shape[0]
+        rows_all = jnp.arange(num, dtype=jnp.int32)
+        if self.cfg.lookahead:  # q ~ p psi over the allowed set: lse_masked becomes log Z_t (lookahead.py)
+            la_psi, la_calls, la_rows = lookahead.lookahead(
+                self.lm, params, consts, hp, cache, rows_all, active, p.position, p.auto, p.counts, p.n_hole, masked,
+                self.cfg.lookahead)
+            masked = lookahead.twisted(masked, la_psi)
+            state = state._replace(n_forward=state.n_forward + la_calls, n_rows=state.n_rows + la_rows)
         if self.cfg.select == "argmax":
             tok = jnp.argmax(masked, axis=-1).astype(jnp.int32)
             lse_masked = jax.nn.logsumexp(masked, axis=-1)
@@ -417,7 +432,6 @@ class Kernels:
             tok, lse_masked = sample_masked(key, masked)
         # Replay (conditional SMC's reference, chains started from given sequences): take the recorded token,
         # weighted exactly as if it had been sampled; a replayed token the mask forbids kills the particle.
-        num = tok.shape[0]
         forced = p.length < p.force_len
         f_tok = p.tokens[jnp.arange(num), jnp.minimum(p.length, p.tokens.shape[1] - 1)]
         tok = jnp.where(forced, f_tok, tok)
@@ -430,7 +444,12 @@ class Kernels:
         cause = jnp.full_like(p.cause, int(Cause.DEAD))  # told apart after the hole: _refine_causes
         # Proper weighting: w *= p(x) / q(x) = allowed mass, since q = p restricted to the allowed set.
         inc_w = log_mass if self.cfg.weighted else jnp.zeros_like(log_mass)
+        if self.cfg.lookahead:  # w *= Z_t / psi(previous token); the drawn token's psi is carried
+            inc_w = inc_w - p.twist
+            psi_tok = la_psi[rows_all, tok]
         p = self._advance(consts, p, alive, tok, lp_tok, inc_w, died, cause)
+        if self.cfg.lookahead:
+            p = p._replace(twist=jnp.where(alive, psi_tok, p.twist))
         return state._replace(
             particles=p,
             cache=cache,
@@ -492,6 +511,13 @@ class Kernels:
                 ok = ok & (p.n_hole[read] < hp.max_steps)[:, None]
                 lse_all = jax.nn.logsumexp(z, axis=-1)
                 masked = jnp.where(ok, z, NEG_INF)
+                if cfg.lookahead:  # q ~ p psi over the allowed set: lse_masked becomes log Z_t (lookahead.py)
+                    crow, live = (rows_all, active) if in_place else (p.row[read], ids < n_cls)
+                    la_psi, la_calls, la_rows = lookahead.lookahead(
+                        self.lm, params, consts, hp, cache, crow, live, p.position[read], p.auto[read],
+                        p.counts[read], p.n_hole[read], masked, cfg.lookahead)
+                    masked = lookahead.twisted(masked, la_psi)
+                    n_fwd, n_rows = n_fwd + la_calls, n_rows + la_rows
                 if cfg.select == "argmax":
                     tok = jnp.argmax(masked, axis=-1).astype(i32)[local]
                     lse_masked = jax.nn.logsumexp(masked, axis=-1)
@@ -504,14 +530,16 @@ class Kernels:
                     tok = jnp.minimum(_upper_bound(cdf, local, q), v - 1)
                     lse_masked = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + m[:, 0], NEG_INF)
                 tok = jnp.where(forced, f_tok, tok)
-                new = (tok, ok[local, tok], lse_masked[local] - lse_all[local], z[local, tok] - lse_all[local])
+                psi_tok = la_psi[local, tok] if cfg.lookahead else out[4]
+                new = (tok, ok[local, tok], lse_masked[local] - lse_all[local], z[local, tok] - lse_all[local], psi_tok)
                 out = tuple(jnp.where(mine, a, b) for a, b in zip(new, out))
                 width = num if in_place else size
                 return b0 + width, cache, out, n_fwd + 1, n_rows + width
 
             return run
 
-        out0 = (jnp.zeros((num,), i32), jnp.zeros((num,), bool), jnp.full((num,), NEG_INF), jnp.zeros((num,)))
+        out0 = (jnp.zeros((num,), i32), jnp.zeros((num,), bool), jnp.full((num,), NEG_INF), jnp.zeros((num,)),
+                jnp.zeros((num,)))
 
         def by_class(st: RunState):
             st, p = self._unshare(st, (active, st.particles.position, st.particles.last))
@@ -546,14 +574,18 @@ class Kernels:
             p, carry = run_if(~few, into(in_place), run_if(few, into(by_class), init))
         else:
             p, carry = by_class(state)
-        _, cache, (tok, tok_ok, log_mass, lp_tok), n_forward, n_rows = carry
+        _, cache, (tok, tok_ok, log_mass, lp_tok, psi_tok), n_forward, n_rows = carry
         alive = active & (log_mass > NEG_INF) & tok_ok
         died = active & ~alive
         tok = jnp.where(alive, tok, 0)
         lp_tok = jnp.where(alive, lp_tok, 0.0)
         cause = jnp.full_like(p.cause, int(Cause.DEAD))
         inc_w = log_mass if cfg.weighted else jnp.zeros_like(log_mass)
+        if cfg.lookahead:  # w *= Z_t / psi(previous token); the drawn token's psi is carried
+            inc_w = inc_w - p.twist
         p = self._advance(consts, p, alive, tok, lp_tok, inc_w, died, cause)
+        if cfg.lookahead:
+            p = p._replace(twist=jnp.where(alive, psi_tok, p.twist))
         return state._replace(
             particles=p,
             cache=cache,
@@ -827,36 +859,56 @@ class Kernels:
     def _hole_chunk(self, params, consts: Consts, hp: HoleParams, state: RunState):
         """Up to ``chunk`` decode steps, stopping early once every particle has finished the hole.
 
-        Returns ``(state, ess [chunk, G], resampled [chunk, G], steps, still_active)``; rows of the ESS
-        history past ``steps`` are NaN.
+        Returns ``(state, ess [chunk, G], resampled [chunk, G], steps, still_active, genealogy)``; rows of the
+        ESS history past ``steps`` are NaN. ``genealogy`` (kernels that resample; ``None`` otherwise) is
+        ``(ancestors [chunk, P] int32, log_weights [chunk, P] f32, lengths [chunk, P] int32)``: at step ``t``,
+        particle ``c`` after the step's resampling is a copy of particle ``ancestors[t, c]`` before it (the
+        identity where the group did not resample), whose log-weight (since the previous resampling) and token
+        count were ``log_weights[t, a]`` and ``lengths[t, a]``. Rows past ``steps`` are junk; the host keeps
+        only the rows of steps that resampled (:mod:`lmprog.inference.engine`, ``Run.genealogy``).
         """
         TRACE_COUNTS["hole_chunk"] += 1
         cfg = self.cfg
         g = cfg.groups
         step = self._beam_step if cfg.select == "beam" else self._distinct_step if cfg.distinct else self._sample_step
+        record = GENEALOGY and cfg.resampler is not None
+        num = state.particles.last.shape[0]
+        ident = jnp.arange(num, dtype=jnp.int32)
 
         def cond(c):
-            i, st, _, res_buf = c
+            i, st, _, res_buf, _ = c
             go = (i < cfg.chunk) & jnp.any(self.running(st.particles, hp))
             if cfg.stop_on_resample:
                 go = go & ~((i > 0) & jnp.any(res_buf[jnp.maximum(i - 1, 0)]))
             return go
 
         def body(c):
-            i, st, ess_buf, res_buf = c
+            i, st, ess_buf, res_buf, gen = c
             key, k_step, k_res = jax.random.split(st.key, 3)
             st = step(params, consts, hp, st._replace(key=key), k_step)
+            if record:
+                # Resampling gathers every particle field by the ancestor indices, so an identity ``origin``
+                # comes out of it as the ancestor vector itself; the real origins are then gathered the same way.
+                p = st.particles
+                origin, lw, length = p.origin, p.log_weight, p.length
+                st = st._replace(particles=p._replace(origin=ident))
             st, ess, did = self._maybe_resample(consts, hp, st, k_res)
-            return i + 1, st, ess_buf.at[i].set(ess), res_buf.at[i].set(did)
+            if record:
+                anc = st.particles.origin
+                st = st._replace(particles=st.particles._replace(origin=origin[anc]))
+                gen = (gen[0].at[i].set(anc), gen[1].at[i].set(lw), gen[2].at[i].set(length))
+            return i + 1, st, ess_buf.at[i].set(ess), res_buf.at[i].set(did), gen
 
+        rows = cfg.chunk if record else 0
         init = (
             jnp.int32(0),
             state,
             jnp.full((cfg.chunk, g), jnp.nan, jnp.float32),
             jnp.zeros((cfg.chunk, g), bool),
+            (jnp.zeros((rows, num), jnp.int32), jnp.zeros((rows, num), jnp.float32), jnp.zeros((rows, num), jnp.int32)),
         )
-        steps, state, ess_buf, res_buf = lax.while_loop(cond, body, init)
-        return state, ess_buf, res_buf, steps, jnp.sum(self.running(state.particles, hp))
+        steps, state, ess_buf, res_buf, gen = lax.while_loop(cond, body, init)
+        return state, ess_buf, res_buf, steps, jnp.sum(self.running(state.particles, hp)), gen if record else None
 
 
 _KERNELS: dict = {}
@@ -865,6 +917,8 @@ _KERNELS: dict = {}
 #: ``False``: every kernel runs every particle through the LM at every step (``KernelConfig.distinct`` off):
 #: the reference the tests compare distinct decoding with.
 DISTINCT = True
+#: ``False``: the hole chunk records no genealogy (its cost: ``benchmarks/bench_genealogy.py``).
+GENEALOGY = True
 
 
 def get_kernels(lm, cfg: KernelConfig) -> Kernels:

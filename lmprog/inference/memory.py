@@ -14,10 +14,15 @@ token table, ``L`` a particle's own cache slots, ``S`` the bytes of one cache sl
     forced text       P x T x V x 4 x 3  T <= FEED_CHUNK: observed text scored in blocks (logits, log-softmax)
     buffers, traces   P x buf_len x 4 x (1 + 7 when MCMC traces)
     token table       its bytes (once); XLA scratch: a fixed allowance
+    enumerated holes  (R + P) x L x S + BLOCK x V x 4 x 3: the trie's scratch cache rows (R <= MAX_ROWS:
+                                          classes x fed nodes, lmprog.inference.enumeration), every
+                                          particle's own row after the draw, one block's logits
 
 The estimate is compared with what the device can give: ``memory_limit`` bytes when set (``--memory-limit``),
 else the device's free memory (on the CPU: ``MemAvailable`` of ``/proc/meminfo``; on accelerators:
-``memory_stats()``), less a safety margin. A run that does not fit is split into *waves* when its strategy
+``memory_stats()``), less a safety margin. A second model (``model judge = "..."``) is loaded before this reads
+the free memory, so its weights are counted there; ``logprob_of`` scoring between kernel steps holds at most
+``lmprog.backends.scoring.CHUNK_BYTES`` (128 MiB) of logits at a time, inside the fixed scratch allowance. A run that does not fit is split into *waves* when its strategy
 allows it (independent runs of fewer particles, one after another, combined with their absolute weights:
 an island particle filter, properly weighted, whose ``log Z`` is the mean of the waves' ``Z``), or refused
 with :class:`MemoryPlanError` saying how many particles fit.
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from lmprog.inference import enumeration
 from lmprog.inference.kernel import DECODE_ROW_WORDS, decode_block_rows
 from lmprog.inference.segments import Observe
 
@@ -156,6 +162,8 @@ def plan(lm, program, strategy, groups: int, layout, feed_chunk: int, memory_lim
         cfg, num = strategy.with_particles(max(1, particles)).footprint(groups)
         num = num if particles else 0
         parts = estimate(slot, layout, num, cfg, program.vocab, program.table.nbytes, width)
+        parts["enumerate"] = enumeration.preflight_bytes(program, lm.tokenizer, strategy, cfg, num, slot,
+                                                         layout.own_len)
         return sum(parts.values()), parts
 
     n = strategy.num_particles

@@ -10,13 +10,13 @@ unnormalized target measure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, NamedTuple
 
 import numpy as np
 
 from lmprog.inference.segments import CAUSE_TEXT, Cause, Hole, hole_value
 
-__all__ = ["DecodedParticle", "InferenceResult", "logsumexp", "normalize", "tally"]
+__all__ = ["DecodedParticle", "Genealogy", "InferenceResult", "logsumexp", "normalize", "tally"]
 
 
 @dataclass
@@ -70,6 +70,72 @@ def normalize(log_w: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(lse)[..., None], w, 0.0)
 
 
+class Genealogy(NamedTuple):
+    """Who descends from whom: the resampling steps of a run (the last ones kept: ``dropped`` counts the earlier
+    ones; see ``engine.GENEALOGY_STEPS``), with the particles' weights and lengths just before each.
+
+    Generation ``r`` (``r < R``) is the population just before resampling step ``r``, generation ``R`` the final
+    particles. Particle ``c`` of generation ``r + 1`` descends from particle ``ancestors[r, g, c]`` of
+    generation ``r`` (indices within group ``g``; the identity in a group that did not resample at that step).
+    ``log_weights[r, g, i]``: particle ``i``'s normalized log-weight in generation ``r``, ``w_i / sum_j w_j``
+    with ``w`` the weight since the previous resampling (``-inf``: dead, never an ancestor); the final
+    generation's are ``InferenceResult.log_weights``. ``lengths[r, g, i]``: its tokens after the shared prefix.
+
+    Attributes:
+        steps ``[R]``: the decode step of each (its row in ``InferenceResult.ess``).
+        segments ``[R]``: the program segment (a hole) it happened in.
+        ancestors ``[R, G, N]`` int32, log_weights ``[R, G, N]`` float64, lengths ``[R, G, N]`` int32.
+        resampled ``[R, G]``: which groups resampled at that step.
+        dropped: earlier resampling steps not kept.
+    """
+
+    steps: np.ndarray
+    segments: np.ndarray
+    ancestors: np.ndarray
+    log_weights: np.ndarray
+    lengths: np.ndarray
+    resampled: np.ndarray
+    dropped: int = 0
+
+    @classmethod
+    def of(cls, records: list, groups: int, n: int, dropped: int = 0) -> "Genealogy":
+        """From the engine's records ``(step, segment, ancestors [P], log-weights [P], lengths [P], resampled
+        [G])`` (global particle indices, raw log-weights) of a run of ``groups`` groups of ``n`` particles."""
+        r = len(records)
+        anc = np.array([a for _, _, a, _, _, _ in records], np.int32).reshape(r, groups, n)
+        anc = anc - (np.arange(groups, dtype=np.int32) * n)[None, :, None]  # group-local
+        lw = np.array([w for _, _, _, w, _, _ in records], np.float64).reshape(r, groups, n)
+        lse = logsumexp(lw)[..., None] if r else np.zeros((0, groups, 1))
+        with np.errstate(invalid="ignore"):
+            lw = np.where(np.isfinite(lse), lw - lse, -np.inf)
+        return cls(
+            steps=np.array([t for t, *_ in records], np.int64),
+            segments=np.array([j for _, j, *_ in records], np.int64),
+            ancestors=anc,
+            log_weights=lw,
+            lengths=np.array([x for *_, x, _ in records], np.int32).reshape(r, groups, n),
+            resampled=np.array([d for *_, d in records], bool).reshape(r, groups),
+            dropped=int(dropped),
+        )
+
+    def group(self, g: int) -> "Genealogy":
+        """Group ``g`` alone: the steps where it resampled."""
+        keep = self.resampled[:, g]
+        sl = (keep, slice(g, g + 1))
+        return Genealogy(self.steps[keep], self.segments[keep], self.ancestors[sl], self.log_weights[sl],
+                         self.lengths[sl], self.resampled[sl], self.dropped)
+
+    def lineage(self, g: int = 0) -> np.ndarray:
+        """``[R + 1, N]``: the ancestor in every generation of each final particle of group ``g`` (row ``R``:
+        the particle itself)."""
+        r, n = self.ancestors.shape[0], self.ancestors.shape[2]
+        out = np.empty((r + 1, n), np.int64)
+        out[r] = np.arange(n)
+        for k in range(r - 1, -1, -1):
+            out[k] = self.ancestors[k, g][out[k + 1]]
+        return out
+
+
 @dataclass
 class InferenceResult:
     """The outcome of :func:`lmprog.inference.engine.run`.
@@ -90,6 +156,13 @@ class InferenceResult:
         stats: ``tokens`` (processed by live particles, forced + generated), ``forward_passes`` (batched LM
             calls), ``wall_s``, ``compile_s`` (calls that compiled, first execution included), ``particles``.
         extra: strategy-specific tables (``vote``: the tally; ``best_of``: scores).
+        genealogy: the resampling steps' ancestors and weights (:class:`Genealogy`; ``None`` when the strategy
+            does not resample through the engine's hole kernel, or for memory waves).
+        died_in ``[G, N]``: the program segment each dead particle died in (``-1``: alive, or not recorded);
+            ``segment_labels``: each segment's label (source location and statement), or its kind.
+        killed: ``{segment: [G] particles}`` found newly dead at the end of each segment during the run, those
+            that resampling replaced later included (a hole's: the particles dead at its end; one that died in the
+            hole and was replaced by a resampling step inside it is not counted).
     """
 
     strategy: str
@@ -113,6 +186,10 @@ class InferenceResult:
     data: list[list[dict]] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     log_z_se: np.ndarray | None = None  # [G] standard errors of log_z (lmprog.inference.evidence), NaN: unknown
+    genealogy: Genealogy | None = None
+    died_in: np.ndarray | None = None
+    segment_labels: tuple = ()
+    killed: dict = field(default_factory=dict)
     _samples: dict = field(default_factory=dict, repr=False)
 
     # ---- arrays ----------------------------------------------------------------------------------
@@ -149,6 +226,25 @@ class InferenceResult:
     @property
     def alive(self) -> np.ndarray:
         return self.causes == 0
+
+    def deaths(self, group: int = 0) -> list[dict]:
+        """The dead particles of group ``group`` by the statement that killed them: ``[{"statement", "segment",
+        "cause", "particles"}]``, most particles first (``statement``/``segment`` ``None`` when not recorded)."""
+        counts: dict = {}
+        for i in np.flatnonzero((self.causes[group] != 0) & (self.causes[group] != int(Cause.UNUSED))):
+            j = int(self.died_in[group, i]) if self.died_in is not None else -1
+            c = Cause(int(self.causes[group, i]))
+            key = (j, CAUSE_TEXT.get(c, c.name.lower()))
+            counts[key] = counts.get(key, 0) + 1
+        out = [{"statement": self.segment_labels[j] if 0 <= j < len(self.segment_labels) else None,
+                "segment": j if j >= 0 else None, "cause": cause, "particles": k} for (j, cause), k in counts.items()]
+        return sorted(out, key=lambda d: (-d["particles"], d["segment"] if d["segment"] is not None else 1 << 30))
+
+    def kills(self, group: int = 0) -> list[dict]:
+        """``[{"statement", "segment", "particles"}]``: the particles of group ``group`` each statement killed during
+        the run (:attr:`killed`), in program order."""
+        return [{"statement": self.segment_labels[j] if j < len(self.segment_labels) else None, "segment": j,
+                 "particles": int(k[group])} for j, k in sorted(self.killed.items()) if k[group]]
 
     def hole_tokens(self, name: str, group: int = 0, index: int = 0) -> list[int]:
         h = self._hole_index(name)
@@ -220,6 +316,9 @@ class InferenceResult:
             log_weights=self.log_weights[sl], scores=self.scores[sl], causes=self.causes[sl],
             hole_logprobs=self.hole_logprobs[sl], log_z=None if self.log_z is None else self.log_z[sl],
             log_z_se=None if self.log_z_se is None else self.log_z_se[sl], ess=self.ess[:, sl], resampled=self.resampled[:, sl], data=[self.data[g]] if self.data else [],
+            genealogy=None if self.genealogy is None else self.genealogy.group(g),
+            died_in=None if self.died_in is None else self.died_in[sl],
+            killed={j: k[sl] for j, k in self.killed.items() if k[g]},
             stats=dict(self.stats, groups=1), extra=dict(self.extra), _samples={})
 
     @classmethod
@@ -245,7 +344,9 @@ class InferenceResult:
             scores=cat("scores"), causes=cat("causes"), hole_logprobs=cat("hole_logprobs"),
             log_z=None if first.log_z is None else logsumexp(lw) - np.log(n),
             data=[[d for w in waves for d in (w.data[0] if w.data else [{}] * w.num_particles)]],
-            stats=stats, extra={**first.extra, "wave_ess": [w.ess[:, 0] for w in waves]}, _samples={})
+            stats=stats, extra={**first.extra, "wave_ess": [w.ess[:, 0] for w in waves]}, _samples={}, genealogy=None,
+            died_in=cat("died_in") if all(w.died_in is not None for w in waves) else None,
+            killed={j: sum(w.killed[j] for w in waves if j in w.killed) for w in waves for j in w.killed})
 
     def dead_copy(self, n: int, error) -> "InferenceResult":
         """A one-group result of ``n <= num_particles`` particles shaped like this one, all dead by ``error`` (an
@@ -260,7 +361,9 @@ class InferenceResult:
             scores=np.full_like(first(self.scores), -np.inf), causes=np.full_like(first(self.causes), code),
             hole_logprobs=np.zeros_like(first(self.hole_logprobs)), data=[[{} for _ in range(n)]],
             log_z=None if self.log_z is None else np.full_like(self.log_z, -np.inf), log_z_se=None,
-            ess=np.zeros((0, 1)), resampled=np.zeros((0, 1), bool), stats=dict(self.stats, particles=n), _samples={})
+            ess=np.zeros((0, 1)), resampled=np.zeros((0, 1), bool), stats=dict(self.stats, particles=n), _samples={},
+            genealogy=None, died_in=np.full(first(self.causes).shape, int(getattr(error, "segment", -1)), np.int32),
+            killed={int(error.segment): np.array([n])} if getattr(error, "segment", -1) >= 0 else {})
 
     def relabel(self, strategy) -> "InferenceResult":
         """The result as ``strategy``'s (a strategy that post-processes a base strategy's particles: its name,

@@ -77,6 +77,9 @@ class Particles(NamedTuple):
     # [P] int32 the particle's ancestor in the first generation (its "Eve"; follows resampling, never reset):
     # with the final weights it gives log Z's standard error (lmprog.inference.evidence).
     eve: jax.Array
+    # [P] f32 log psi of the particle's last hole token: the one-step twist its proposal folded into the weight
+    # (lmprog.inference.lookahead), taken out of the weight at its next hole step. 0 without lookahead.
+    twist: jax.Array
     trace: Trace
 
 
@@ -158,5 +161,6 @@ def init_particles(
         force_len=np.zeros((num,), i32),
         row=np.zeros((num,), i32),  # fresh particles have the same (empty) history: one row
         eve=np.arange(num, dtype=i32),
+        twist=np.zeros((num,), np.float32),
         trace=init_trace(num, buffer_len if trace else 0, num_segments if trace else 0),
     ))

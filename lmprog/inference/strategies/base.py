@@ -67,6 +67,10 @@ class Strategy:
 
     temperature: float = field(default=_COMMON["temperature"].default, metadata={"param": _COMMON["temperature"]})
     max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"param": _COMMON["max_tokens"]})
+    #: Generate small finite holes by exact enumeration (properly weighted samplers only; see
+    #: :mod:`lmprog.inference.enumeration`); ``False`` (default): token by token. Opt-in until an enumerated
+    #: hole costs no more than sampling it (docs/performance.md: every tokenisation is scored).
+    enumerate: bool = field(default=False, metadata={"param": _COMMON["enumerate"]})
 
     # ---- declarations -----------------------------------------------------------------------------
 

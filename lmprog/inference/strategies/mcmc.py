@@ -62,7 +62,8 @@ class MCMC(Strategy):
     def _suffix(self, lm, program, key, groups, chunk, progress, init) -> InferenceResult:
         chains = int(self.chains)
         num = chains * groups
-        base = Importance(particles=num, temperature=self.temperature, max_tokens=self.max_tokens)
+        base = Importance(particles=num, temperature=self.temperature, max_tokens=self.max_tokens,
+                          enumerate=self.enumerate)
         cfg = replace(base.kernel_config(groups=1, chunk=chunk), trace=True)
         key, k_run = jax.random.split(key)
         run, state, s = engine.setup(lm, program, base, cfg, 1, k_run, None)
@@ -119,7 +120,8 @@ class MCMC(Strategy):
         chains = int(self.chains)
         num = chains * groups
         k = int(self.particles)
-        proposal = SMC(particles=k, temperature=self.temperature, max_tokens=self.max_tokens)
+        proposal = SMC(particles=k, temperature=self.temperature, max_tokens=self.max_tokens,
+                       enumerate=self.enumerate)
         rng = host_rng(key)
         cur = None  # (tokens, lengths, spans, scores, hole_logp, causes, data) per chain
         cur_logz = np.full((num,), -np.inf)
