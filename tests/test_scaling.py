@@ -114,11 +114,12 @@ def test_step_level_smc_with_an_exact_reward_matches_enumeration(agg):
     """SMC that resamples on the step rewards targets p_LM x exp(R_T) exactly: over 500 independent groups,
     the mean of ``exp(log_weight) / N`` summed over the particles on a sequence is unbiased for that sequence's
     unnormalized target (every sequence with >= 2 % of the mass, and their total, Z); the rewards make it
-    resample (between steps) in most groups."""
+    resample (between steps) in most groups (with the steps' finite holes enumerated, ``enumerate=True``: the
+    weights then differ by the rewards, not by proposal noise, so the ESS rule resamples in most groups)."""
     lm, low = _toy_lowered(agg)
     exact = enumerate_program(lm, low.program)
     groups, n = 500, 16
-    r = run(lm, low.program, SMC(particles=n, ess=0.5, resample="systematic"), seed=3, groups=groups)
+    r = run(lm, low.program, SMC(particles=n, ess=0.5, resample="systematic", enumerate=True), seed=3, groups=groups)
     assert r.resampled.any(axis=0).mean() > 0.5
     w = np.exp(np.asarray(r.log_weights, np.float64)) / n  # [G, N]
     seqs = [[tuple(int(t) for t in r.tokens[g, i, : r.lengths[g, i]]) for i in range(n)] for g in range(groups)]
