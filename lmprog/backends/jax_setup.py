@@ -21,6 +21,12 @@ def to_device(x, dtype=None) -> jax.Array:
     return jax.device_put(a if a.dtype == want else a.astype(want))
 
 
+def round_pow2(n: int, least: int = 1) -> int:
+    """``n`` rounded up to a power of two, at least ``least``: array sizes from few shapes, so that varying
+    lengths reuse few compilations."""
+    return max(least, 1 << max(0, int(n) - 1).bit_length())
+
+
 def enable_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache so a second run does not recompile the kernels."""
     global _done

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmprog.backends.base import Prefix
+from lmprog.backends.jax_setup import round_pow2
 from lmprog.backends.tokenizer import Tokenizer
 
 
@@ -332,13 +333,10 @@ class LlamaModel:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
         # Pad to a bucketed length so prompts of different lengths share a compilation; padding sits after
         # the real tokens, and causal attention keeps it from influencing them.
-        length = min(_bucket(ids.size), self.max_context)
+        length = min(round_pow2(ids.size, 64), self.max_context)
         padded = np.zeros((1, length), np.int32)
         padded[0, : ids.size] = ids
         logits, _ = self.forward(self.init_cache(1, length), padded, np.zeros(1, np.int32))
         return np.asarray(jax.nn.log_softmax(logits[0, : ids.size], axis=-1))
 
 
-def _bucket(n: int) -> int:
-    """Round a cache length up to a power of two (>= 64) so varying lengths reuse few compilations."""
-    return max(64, 1 << (int(n) - 1).bit_length())

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmprog.backends.base import Prefix
+from lmprog.backends.jax_setup import round_pow2
 
 __all__ = ["CHUNK_BYTES", "MEMO_ENTRIES", "Scorer", "ScoreError", "encode_request", "scorer_for"]
 
@@ -69,11 +70,6 @@ def encode_request(tokenizer, context: str, text: str) -> Encoded:
     if txt and not ctx:
         raise ScoreError("the context is empty and the model has no BOS token to condition the text on")
     return Encoded(tuple(ctx + txt), len(ctx))
-
-
-def _bucket(n: int, least: int) -> int:
-    """``n`` rounded up to a power of two (at least ``least``): few distinct shapes, few compilations."""
-    return max(least, 1 << max(0, int(n) - 1).bit_length())
 
 
 def _common_prefix(seqs: Sequence[tuple[int, ...]]) -> int:
@@ -188,7 +184,7 @@ class Scorer:
         s0 = min(_common_prefix(seqs), min(r.n for r in reqs) - 1)
         prefix_cache = None
         if s0 > 0:
-            sp = _bucket(s0, 16)
+            sp = round_pow2(s0, 16)
             buf = np.zeros((1, sp), np.int32)
             buf[0, :s0] = seqs[0][:s0]
             prefix_cache = _prefill(lm, lm.params, jnp.asarray(buf))
@@ -197,14 +193,14 @@ class Scorer:
         else:
             s0 = 0
         own = [len(s) - s0 for s in seqs]
-        t = _bucket(max(own), 16)
+        t = round_pow2(max(own), 16)
         vocab = int(getattr(lm, "vocab_size", 1))
         per_chunk = max(1, self.chunk_bytes // max(1, t * vocab * 4))
         per_chunk = 1 << (per_chunk.bit_length() - 1)  # a power of two: the last chunk pads to a known shape
         scores: list[float] = []
         for c0 in range(0, len(reqs), per_chunk):
             chunk = range(c0, min(len(reqs), c0 + per_chunk))
-            b = min(per_chunk, _bucket(len(chunk), 1))
+            b = min(per_chunk, round_pow2(len(chunk), 1))
             tokens = np.zeros((b, t), np.int32)
             start = np.zeros((b,), np.int32)
             end = np.zeros((b,), np.int32)  # padding rows: start = end = 0, nothing summed

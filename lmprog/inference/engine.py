@@ -34,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmprog.backends.base import Prefix
-from lmprog.backends.jax_setup import to_device
+from lmprog.backends.jax_setup import round_pow2, to_device
 from lmprog.inference import aot, enumeration, kernel, memory, sharding
-from lmprog.inference.holes import Progress, budget, hole_params
-from lmprog.inference.holes import room as _room
 from lmprog.inference.evidence import log_z_standard_error
+from lmprog.inference.holes import Progress, budget, hole_params
+from lmprog.inference.holes import slack as hole_slack
+from lmprog.inference.holes import room as _room
 from lmprog.inference.kernel import TRACE_COUNTS, Kernels, get_kernels
 from lmprog.inference.segments import (
     CAUSE_TEXT,
@@ -65,6 +66,8 @@ PREFILL_CHUNK = 256  # prompt tokens per prefill call (batch 1)
 #: The shared prefix's KV is stored once (``Consts.prefix``) rather than broadcast into every particle's cache.
 #: ``False`` restores the broadcast (for comparisons: tests, ``benchmarks/bench_prompt_memory.py``).
 SHARE_PREFIX = True
+
+
 def run(lm, program: SegmentProgram, strategy, *, seed: int = 0, key: jax.Array | None = None, groups: int = 1,
         chunk: int = 32, progress: Callable[[Progress], None] | None = None, memory_limit=None) -> InferenceResult:
     """Run ``program`` on ``lm`` with ``strategy`` (any :class:`~lmprog.inference.strategies.Strategy`).
@@ -135,10 +138,6 @@ def simulate(lm, program: SegmentProgram, strategy, cfg, *, key, groups: int = 1
     state, s = prefill_group_text(r, state, s)
     state = walk(r, state, s)
     return assemble(r, state, s, t_start)
-
-
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
 
 def _round_up(n: int, m: int) -> int:
@@ -367,8 +366,7 @@ def layout(lm, program: SegmentProgram, strategy) -> Layout:
     """The :class:`Layout` of ``program`` run with ``strategy`` on ``lm``. Raises ``ValueError`` when the program
     needs more context than the model has, or starts without text on a model without BOS."""
     tok = lm.tokenizer
-    # Tokens a hole may take beyond its tokens(X) budget: its terminator (>= 1 byte per token) or an EOS.
-    slack = program.table.max_pending() + 1
+    slack = hole_slack(program.table)
     segs = program.segments
     i0 = 0
     prefix: list[int] = []
@@ -487,7 +485,7 @@ def _prefill(run: Run, cache, feed: list[int], targets: list[int], observed: lis
     calls = 0
     for c0 in range(0, len(feed), PREFILL_CHUNK):
         width = min(PREFILL_CHUNK, len(feed) - c0)
-        tpad = min(_pow2(width, 16), cache_len - position - c0)
+        tpad = min(round_pow2(width, 16), cache_len - position - c0)
         a = np.zeros((1, tpad), np.int32)
         b = np.zeros((1, tpad), np.int32)
         m = np.zeros((1, tpad), bool)
@@ -680,7 +678,7 @@ def _feed(run: Run, state: RunState, rows: list[list[int]], observe: bool, pos_b
     longest = max((len(r) for r in rows), default=0)
     for c0 in range(0, longest, FEED_CHUNK):
         width = min(FEED_CHUNK, longest - c0)
-        tpad = min(_pow2(width, 8), cache_len - pos_bound)
+        tpad = min(round_pow2(width, 8), cache_len - pos_bound)
         toks = np.zeros((run.num, tpad), np.int32)
         lens = np.zeros((run.num,), np.int32)
         for i, r in enumerate(rows):

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmprog.backends.jax_setup import to_device
+from lmprog.backends.jax_setup import round_pow2, to_device
 from lmprog.inference.aot import DiskJit
 from lmprog.inference import holes, resampling
 from lmprog.inference.kernel import NEG_INF, TRACE_COUNTS
@@ -117,10 +117,6 @@ def _blocks(entries: int) -> list:
     return out
 
 
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, 1 << max(0, int(n) - 1).bit_length())
-
-
 def _pad(a: np.ndarray, n: int, fill) -> np.ndarray:
     out = np.full((n,) + a.shape[1:], fill, a.dtype)
     out[: a.shape[0]] = a
@@ -133,7 +129,7 @@ def _allowed(table, states: np.ndarray, counts: np.ndarray, max_tokens: int, chu
     rows, toks = [], []
     for a in range(0, states.shape[0], chunk):
         st, cn = states[a : a + chunk], counts[a : a + chunk]
-        n = _pow2(st.shape[0], 8)
+        n = round_pow2(st.shape[0], 8)
         m = np.asarray(table.mask(jnp.asarray(_pad(st, n, -1)), jnp.asarray(_pad(cn, n, 0)),
                                   jnp.int32(max_tokens)))[: st.shape[0]]
         r, t = np.nonzero(m)
@@ -161,7 +157,7 @@ def build_trie(table, start: int, max_tokens: int, max_steps: int, max_nodes: in
             return None
         if rows.size == 0:
             break
-        k = _pow2(rows.size, 8)
+        k = round_pow2(rows.size, 8)
         ns, nc = table.step(jnp.asarray(_pad(states[rows], k, -1)), jnp.asarray(_pad(counts[rows], k, 0)),
                             jnp.asarray(_pad(toks.astype(np.int32), k, 0)))
         done = np.asarray(table.done(ns, nc))[: rows.size]
@@ -225,7 +221,7 @@ def trie_for(table, tokenizer, hole: Hole, start: int, budget: int, max_steps: i
 
 
 def _run_trie(run, hole: Hole, start: int, budget: int):
-    return trie_for(run.program.table, run.lm.tokenizer, hole, start, budget, budget + run_slack(run))
+    return trie_for(run.program.table, run.lm.tokenizer, hole, start, budget, budget + holes.slack(run.program.table))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -318,11 +314,6 @@ def plan(run, state, s, j: int, seg: Hole, part):
     return state, Plan(trie, hp, budget)
 
 
-def run_slack(run) -> int:
-    """The terminator slack of holes (the engine's layout): tokens beyond the budget a hole may take."""
-    return run.program.table.max_pending() + 1
-
-
 # ------------------------------------------------------------------------------------------------------
 # The walker
 # ------------------------------------------------------------------------------------------------------
@@ -388,8 +379,8 @@ def _enumerate(run, fns, state, hp, trie: Trie, going, row, last, position):
     cls = np.full((num,), 0, np.int32)
     cls[going] = inv.reshape(-1)
     rep_row, rep_last, rep_pos = uniq[:, 0], uniq[:, 1], uniq[:, 2]
-    s_rows = _pow2(n_cls * f, 8)
-    n_lp = _pow2(n_cls * n_nodes, 8)
+    s_rows = round_pow2(n_cls * f, 8)
+    n_lp = round_pow2(n_cls * n_nodes, 8)
     # Scratch row c * F + q starts as a copy of class c's cache row (its history before `last`).
     init_rows = _pad(np.repeat(rep_row, f).astype(np.int32), s_rows, 0)
     scratch = run.call(fns["init"], state.cache, to_device(init_rows))
@@ -408,7 +399,7 @@ def _enumerate(run, fns, state, hp, trie: Trie, going, row, last, position):
         for b in _blocks(len(entries)):
             blk = entries[e0 : e0 + b]
             e0 += b
-            cw = _pow2(max_children * b, 8)  # per block size: one shape per trie and block size
+            cw = round_pow2(max_children * b, 8)  # per block size: one shape per trie and block size
             src = np.full(b, s_rows, np.int32)
             dst = np.full(b, s_rows, np.int32)
             tok = np.zeros(b, np.int32)
@@ -542,7 +533,7 @@ def preflight_bytes(program, tokenizer, strategy, cfg, num: int, slot: int, own_
     its own row, and one block's logits (``BLOCK x V`` float32, x3)."""
     if not strategy_enumerates(strategy, cfg):
         return 0
-    slack = program.table.max_pending() + 1
+    slack = holes.slack(program.table)
     rows = 0
     for hole in program.holes:
         if not enumerable(hole, program):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmprog.inference.holes import slack as hole_slack
 from lmprog.inference.segments import Hole, Host, HostView, Observe, SegmentProgram, Text, hole_value
 
 __all__ = ["ExactPath", "ExactPosterior", "enumerate_program"]
@@ -83,7 +84,7 @@ def enumerate_program(
     table = program.table
     if hasattr(table, "bind"):  # host-matcher holes: a pool of matcher states for this enumeration
         table, _pool = table.bind()
-    slack = table.max_pending() + 1  # the engine's hard cap: budget + slack tokens per hole
+    slack = hole_slack(table)  # the engine's hard cap: budget + slack tokens per hole
 
     @jax.jit
     def expand(state, counts, budget):

@@ -15,7 +15,7 @@ from lmprog.backends.jax_setup import to_device
 from lmprog.inference.segments import Hole, Observe, Text
 from lmprog.inference.state import HoleParams
 
-__all__ = ["BIG", "Progress", "budget", "hole_params", "room"]
+__all__ = ["BIG", "Progress", "budget", "hole_params", "room", "slack"]
 
 #: "No limit" for traced step counts (a hole's pause step when it is not paused).
 BIG = 1 << 30
@@ -34,6 +34,12 @@ class Progress:
 def budget(hole: Hole, strategy) -> int:
     """A hole's token budget: its own ``tokens(X) <= N``, else the strategy's ``max_tokens``."""
     return int(hole.max_tokens if hole.max_tokens is not None else strategy.max_tokens)
+
+
+def slack(table) -> int:
+    """Tokens a hole may take beyond its ``tokens(X) <= N`` budget (``table``: the program's token table): its
+    terminator's pending bytes (>= 1 byte per token) or an EOS. A hole's hard cap is ``budget + slack``."""
+    return table.max_pending() + 1
 
 
 def room(seg, strategy, slack: int) -> int:
