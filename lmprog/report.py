@@ -25,6 +25,7 @@ import html
 import json
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Iterable, Optional, Sequence
 
 __all__ = ["render", "render_batch", "render_failure", "fragment", "section", "write", "MAX_ROWS"]
@@ -453,7 +454,8 @@ def _death_site(raw, h: _History) -> str:
     return raw.holes[k].label or raw.holes[k].name
 
 
-def _particles(result, hist: _Histories, prefix: str, max_rows: int, heading: str = "Particles") -> str:
+def _particles(result, hist: _Histories, prefix: str, max_rows: int, heading: str = "Particles",
+               role: str = "particle") -> str:
     rows = hist.rows
     shown = rows[:max_rows]
     raw = hist.raw
@@ -467,7 +469,7 @@ def _particles(result, hist: _Histories, prefix: str, max_rows: int, heading: st
         cls = "alive" if h.alive else "dead"
         cause = _cause_text(h.cause)
         body.append(
-            f"<tr id='row-{prefix}-{h.id}' class='{cls}' data-role='particle-row' data-hist='{prefix}-{h.id}'>"
+            f"<tr id='row-{prefix}-{h.id}' class='{cls}' data-role='{role}-row' data-hist='{prefix}-{h.id}'>"
             f"<td class='num'>{h.id}</td><td class='num'>{len(h.members)}</td>"
             f"<td class='num'>{_pct(h.weight) if h.alive else '—'}</td>"
             f"<td class='num'>{_fnum(h.log_weight) if h.alive else '−∞'}</td>"
@@ -479,8 +481,8 @@ def _particles(result, hist: _Histories, prefix: str, max_rows: int, heading: st
     if omitted:
         notes.append(f"{len(omitted)} histories ({sum(len(h.members) for h in omitted)} particles, weight "
                      f"{_pct(sum(h.weight for h in omitted))}) are not listed: at most {max_rows} rows are shown")
-    return (f"<h2>{_e(heading)}</h2><p class='note' data-role='particles-note'>{_e('; '.join(notes))}.</p>{legend}"
-            "<table data-role='particles'><tr><th class='num'>#</th><th class='num'>particles</th>"
+    return (f"<h2>{_e(heading)}</h2><p class='note' data-role='{role}s-note'>{_e('; '.join(notes))}.</p>{legend}"
+            f"<table data-role='{role}s'><tr><th class='num'>#</th><th class='num'>particles</th>"
             "<th class='num'>weight</th><th class='num'>log w</th><th>text</th><th>cause of death</th></tr>"
             + "".join(body) + "</table>")
 
@@ -524,7 +526,7 @@ def _tree(leaves: list, depth: int = 0) -> _Node:
     return node
 
 
-def _prefix_tree(hist: _Histories, prefix: str, why: str) -> str:
+def _prefix_tree(hist: _Histories, prefix: str, why: str, heading: str = "Genealogy", role: str = "genealogy") -> str:
     """The tree of shared token prefixes of the final histories: what a run without resampling steps has for a
     genealogy (``why`` says so)."""
     leaves = hist.rows[:MAX_LEAVES]
@@ -593,8 +595,8 @@ def _prefix_tree(hist: _Histories, prefix: str, why: str) -> str:
              "share their history up to t (identical histories are one leaf). Line width: the final weight of a "
              "branch's descendants; red dashed: dead branches.")
     more = (f" {len(omitted)} lighter histories are not drawn (at most {MAX_LEAVES} leaves)." if omitted else "")
-    return (f"<h2>Genealogy</h2><p class='note'>{_e(notes + more)}</p>"
-            f"<svg data-role='genealogy' width='{width}' height='{height}' role='img' aria-label='genealogy'>"
+    return (f"<h2>{_e(heading)}</h2><p class='note'>{_e(notes + more)}</p>"
+            f"<svg data-role='{role}' width='{width}' height='{height}' role='img' aria-label='genealogy'>"
             + "".join(svg) + axis + "</svg>")
 
 
@@ -604,11 +606,37 @@ def _genealogy(result, hist: _Histories, prefix: str) -> str:
     if hist.raw is None or not hist.rows:
         return ""
     gen = _genealogy_of(result)
+    sweep = getattr(hist.raw, "sweep", None)
+    if gen is None and sweep is not None:
+        return _sweep_genealogy(sweep, prefix)
+    if gen is None and "chains" in hist.raw.extra:
+        return _prefix_tree(hist, prefix, f"{result.strategy}'s chains do not resample: a chain's next state keeps "
+                            "a prefix of its current one (or all of it, when a move is rejected); the chain traces "
+                            "below follow each chain.")
     if gen is None:
         return _prefix_tree(hist, prefix, f"{result.strategy} does not resample: every particle is its own lineage.")
     if not len(gen.steps):
         return _prefix_tree(hist, prefix, "No decode step resampled: every particle is its own lineage.")
     return _draw_lineages(lineages(gen, hist), prefix)
+
+
+def _sweep_genealogy(sweep, prefix: str) -> str:
+    """Particle Gibbs: the particles of its last conditional SMC sweep and their genealogy (the particles above are
+    the references, one per iteration; the last was drawn from these by their final weights)."""
+    view = SimpleNamespace(raw=sweep)
+    hist = _histories(view)
+    p = f"{prefix}s"
+    ref = next((h.id for h in hist.rows if 0 in h.members), None)
+    lead = ("The last sweep of conditional SMC, the population the last reference was drawn from (by the final "
+            "weights): particle 0 replayed the previous reference and is its own ancestor at every resampling"
+            + (f" (history #{ref})." if ref is not None else "."))
+    table = _particles(view, hist, p, MAX_ROWS, heading="Particles of the last sweep", role="sweep-particle")
+    gen = _genealogy_of(view)
+    if gen is None or not len(gen.steps):
+        return table + _prefix_tree(hist, p, lead + " No decode step of it resampled.",
+                                    heading="Genealogy of the last sweep", role="sweep-genealogy")
+    return table + _draw_lineages(lineages(gen, hist), p, heading="Genealogy of the last sweep",
+                                  role="sweep-genealogy", lead=lead)
 
 
 def _genealogy_of(result):
@@ -693,7 +721,8 @@ def lineages(gen, hist: _Histories) -> Lineages:
                     [n - len(np.unique(gen.ancestors[r, 0])) for r in steps], n_gen, int(gen.dropped), n)
 
 
-def _draw_lineages(lin: Lineages, prefix: str) -> str:
+def _draw_lineages(lin: Lineages, prefix: str, heading: str = "Genealogy", role: str = "genealogy",
+                   lead: str = "") -> str:
     """One column per generation (its resampling step, then the final particles): a dot per node (area and
     opacity: its weight then), a line to each of its parents' dots (width: how many of its particles descend
     from that parent), the final histories as leaves linked to their particle rows, the particles that died
@@ -782,8 +811,8 @@ def _draw_lineages(lin: Lineages, prefix: str) -> str:
     if omitted:
         notes.append(f"The ancestry of {omitted} particle(s) in lighter histories is not drawn (at most "
                      f"{MAX_LEAVES} leaves).")
-    return (f"<h2>Genealogy</h2><p class='note'>{_e(' '.join(notes))}</p>"
-            f"<svg data-role='genealogy' data-generations='{cols}' width='{width}' height='{height}' role='img' "
+    return (f"<h2>{_e(heading)}</h2><p class='note'>{_e(' '.join(([lead] if lead else []) + notes))}</p>"
+            f"<svg data-role='{role}' data-generations='{cols}' width='{width}' height='{height}' role='img' "
             f"aria-label='genealogy'>" + "".join(svg) + "</svg>")
 
 

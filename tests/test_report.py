@@ -15,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -323,6 +324,39 @@ def test_genealogy_draws_the_recorded_lineages(long_run):
         counts = re.findall(rf"data-role='gen-edge' data-gen='{g}' data-count='(\d+)'", page)
         assert sum(map(int, counts)) == (r.raw.num_particles if g == big_r
                                          else len(np.unique(ancestors_by_generation(r.genealogy)[g])))
+
+
+PARTICLE_GIBBS = '''infer particle_gibbs(iterations=5, particles=24)
+"Q: [x]\\n" where x matches "(ab|c)(a|bc)*b"
+'''
+
+
+def test_particle_gibbs_draws_its_last_sweep_and_its_genealogy():
+    r = lmprog.compile(PARTICLE_GIBBS, "pg.lmp").run(lm=toy_lm(), seed=4)
+    raw, sweep = r.raw, r.raw.sweep
+    assert sweep is not None and sweep.num_particles == 24 and raw.num_particles == 5  # 5 references kept
+    gen = sweep.genealogy
+    assert gen is not None and len(gen.steps) >= 1
+    assert list(gen.steps) == list(np.flatnonzero(sweep.resampled[:, 0]))  # this sweep's steps only
+    assert (gen.ancestors[:, 0, 0] == 0).all()  # conditional SMC: the reference is its own ancestor
+    seq = lambda res, i: res.tokens[0, i, : res.lengths[0, i]].tobytes()  # noqa: E731
+    # particle 0 of the last sweep replayed the previous reference; the last reference is one of the sweep's
+    assert seq(sweep, 0) == seq(raw, 3)
+    assert seq(raw, 4) in {seq(sweep, i) for i in range(24)}
+    page = r.report()
+    assert roles(page, "sweep-genealogy") == 1 and roles(page, "genealogy") == 0
+    assert roles(page, "sweep-particle-row") == distinct_histories(SimpleNamespace(raw=sweep))
+    assert roles(page, "particle-row") == distinct_histories(r)
+    assert f"data-generations='{len(gen.steps) + 1}'" in page
+    # the sweep's rows and leaves are linked by their own ids, apart from the references' rows
+    leaves = set(re.findall(r"data-role='gen-leaf' data-hist='([^']+)'", page))
+    assert leaves and all(h.startswith("rs-") for h in leaves)
+    assert leaves <= set(re.findall(r"data-role='sweep-particle-row' data-hist='([^']+)'", page))
+
+
+def test_mcmc_chains_say_why_there_is_no_resampling_genealogy(mcmc):
+    page = mcmc.report()
+    assert "chains do not resample" in page and roles(page, "genealogy") == 1
 
 
 def test_genealogy_of_many_particles_is_bounded():

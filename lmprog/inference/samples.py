@@ -160,6 +160,8 @@ class InferenceResult:
             does not resample through the engine's hole kernel, or for memory waves).
         died_in ``[G, N]``: the program segment each dead particle died in (``-1``: alive, or not recorded);
             ``segment_labels``: each segment's label (source location and statement), or its kind.
+        sweep: particle Gibbs: its last conditional SMC sweep, the population the last sample was drawn from
+            (particle 0 of each group replayed the previous reference), with its own genealogy and ESS.
         killed: ``{segment: [G] particles}`` found newly dead at the end of each segment during the run, those
             that resampling replaced later included (a hole's: the particles dead at its end; one that died in the
             hole and was replaced by a resampling step inside it is not counted).
@@ -190,6 +192,7 @@ class InferenceResult:
     died_in: np.ndarray | None = None
     segment_labels: tuple = ()
     killed: dict = field(default_factory=dict)
+    sweep: "InferenceResult | None" = None
     _samples: dict = field(default_factory=dict, repr=False)
 
     # ---- arrays ----------------------------------------------------------------------------------
@@ -319,6 +322,7 @@ class InferenceResult:
             genealogy=None if self.genealogy is None else self.genealogy.group(g),
             died_in=None if self.died_in is None else self.died_in[sl],
             killed={j: k[sl] for j, k in self.killed.items() if k[g]},
+            sweep=None if self.sweep is None else self.sweep.group(g),
             stats=dict(self.stats, groups=1), extra=dict(self.extra), _samples={})
 
     @classmethod

@@ -5,9 +5,15 @@ its host data and weights from the trace: :class:`lmprog.inference.moves.Replay`
 every resampling; the others are resampled from all particles (multinomial). The next reference is drawn from
 the final weights. The chain of references leaves the posterior invariant; each of the ``iterations``
 references is a sample.
+
+The result's ``sweep`` is the last conditional SMC sweep (the population the last reference was drawn from,
+with its genealogy: how many lineages reach the end, the classic diagnostic of path degeneracy).
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +32,13 @@ __all__ = ["ParticleGibbs"]
 @implements("particle_gibbs")
 class ParticleGibbs(Strategy):
     """Particle Gibbs: conditional SMC with ``particles`` particles, one of which is the reference."""
+
+    #: Resample when the ESS falls under half the particles, as ``smc`` does by default (the decision is a
+    #: symmetric function of all the weights, the reference's included, so the kernel stays invariant). Never
+    #: resampling (conditional importance sampling) makes every proposal beat the reference's whole path at
+    #: once; resampling at every step makes the early tokens collapse onto the reference's (path degeneracy).
+    #: Measured: benchmarks/bench_pg_resampling.py (docs/inference.md, "particle Gibbs").
+    ess = 0.5
 
     @property
     def batchable(self) -> bool:
@@ -52,6 +65,7 @@ class ParticleGibbs(Strategy):
         rec = Recorder()
         # Sweep 0 is plain SMC (particle 0 keeps its own lineage, which only picks the first reference); groups
         # whose particles all died run again until one lives.
+        t_sweep = time.perf_counter()
         state = engine.walk(run, state, s)
         for _ in range(MAX_INIT_TRIES):
             dead = (np.asarray(jax.device_get(state.particles.cause)) != 0).reshape(groups, n).all(axis=1)
@@ -78,6 +92,7 @@ class ParticleGibbs(Strategy):
                     changed += np.array([a != b for a, b in zip(seqs, previous)])
                 previous = seqs
             if it == int(self.iterations):
+                sweep = engine.assemble(run, state, s, t_sweep)
                 break
             # The next sweep: fresh particles; particle 0 of each group replays the reference.
             state = run.sync_data(state)
@@ -92,15 +107,21 @@ class ParticleGibbs(Strategy):
             state = base._replace(particles=parts, key=jax.random.fold_in(key, it), n_tokens=state.n_tokens,
                                   n_forward=state.n_forward, n_rows=state.n_rows)
             run.data = None
+            # Each sweep's ESS rows and genealogy are its own (the last sweep's go into the result).
+            run.ess.clear()
+            run.genealogy.clear()
+            run.genealogy_dropped = 0
+            t_sweep = time.perf_counter()
             state = engine.walk(run, state, s, Replay(replay))
             p = jax.device_get(state.particles)
             bad = replay & ((np.asarray(p.cause) != 0) | (np.asarray(p.length) != np.asarray(ref.length)))
             if bad.any():  # pragma: no cover - the reference is an execution of the program by construction
                 raise RuntimeError("particle_gibbs: the reference trajectory could not be replayed")
         iters = int(self.iterations)
-        return rec.engine_result(run, s, state, self, groups, 1, {
+        result = rec.engine_result(run, s, state, self, groups, 1, {
             "reference_update_rate": (changed / max(1, iters - 1)).reshape(groups, 1),
         })
+        return replace(result, sweep=sweep)
 
 
 STRATEGY = ParticleGibbs
