@@ -441,6 +441,24 @@ def _result(raw, low, values, lm, **stats) -> Result:
                                  model=getattr(lm, "name", None) or None, **stats)
 
 
+def scorer_counts(scorers: Mapping) -> dict:
+    """The counters of ``logprob_of``'s scorers (:func:`_scorers`), by model: ``model`` for the program's, else
+    the declared alias (a scorer is one per loaded model and process: its counters only grow)."""
+    return {("model" if alias is None else alias): sc.counters() for alias, sc in scorers.items()}
+
+
+def scorer_stats(before: dict, scorers: Mapping, **more) -> Optional[dict]:
+    """What ``logprob_of`` cost between ``before`` (:func:`scorer_counts`) and now (``stats.scorer``): per model
+    its scoring batches, device calls, distinct requests scored and prefix tokens shared (``more``: added to
+    each); ``None`` when nothing was scored."""
+    out = {}
+    for name, now in scorer_counts(scorers).items():
+        delta = {k: v - before.get(name, {}).get(k, 0) for k, v in now.items()}
+        if delta["batches"] or delta["rows"]:
+            out[name] = {**delta, **more}
+    return out or None
+
+
 def run_program(program, inputs: Mapping[str, Any], *, particles=None, seed=None, strategy=None,
                 max_tokens=None, temperature=None, model=None, lm=None, from_text: bool = False,
                 progress=None, memory_limit=None, host_timeout=None, devices=None, model_devices=1,
@@ -466,6 +484,8 @@ def run_program(program, inputs: Mapping[str, Any], *, particles=None, seed=None
         lm = get_model(model or program.model or program.default_model)
     judges = load_models(program, models)
     load_s = time.perf_counter() - t0
+    scorers = _scorers(lm, judges)
+    scored_before = scorer_counts(scorers)
     values, low, st, lower_s = _lower_row(program, lm, dict(inputs), seed=seed, strategy=strategy,
                                           particles=particles, max_tokens=max_tokens, temperature=temperature,
                                           from_text=from_text, memory_limit=memory_limit, judges=judges,
@@ -473,7 +493,8 @@ def run_program(program, inputs: Mapping[str, Any], *, particles=None, seed=None
     with host_time_limit(host_timeout), sharding.devices(devices, model_devices):
         try:
             raw = engine.run(lm, low.program, st, seed=seed, progress=progress, memory_limit=memory_limit)
-            return _result(raw, low, values, lm, lower_s=lower_s, load_s=load_s, wall_s=time.perf_counter() - t0)
+            return _result(raw, low, values, lm, lower_s=lower_s, load_s=load_s, wall_s=time.perf_counter() - t0,
+                           scorer=scorer_stats(scored_before, scorers))
         except HostAbort as stop:  # user code that must stop the run: its located error
             raise stop.error from None
 
@@ -534,15 +555,19 @@ def iter_batch(program, rows, *, particles=None, seed=None, strategy=None, max_t
     if not lowered:
         return
     st = lowered[next(iter(lowered))][2]
+    scorers = _scorers(lm, opts["judges"])
     with host_time_limit(host_timeout), sharding.devices(devices, model_devices):
         for chunk, padded in _calls(lowered, st, max_batch_particles):
             programs = [(lowered[k][1].structure_key, lowered[k][1].program) for k in padded]
+            scored_before = scorer_counts(scorers)
             try:
                 results = run_rows(lm, programs, st, seed=seed, max_batch_particles=max_batch_particles,
                                    progress=progress, memory_limit=memory_limit)[:len(chunk)]
             except HostAbort as stop:  # a row's user code stopped the call: every row of it runs alone
                 results = [stop.error] if len(padded) == 1 else [None] * len(chunk)
             wall = time.perf_counter() - t0
+            # the rows of one engine call share its host steps, hence their scoring batches
+            scored = scorer_stats(scored_before, scorers, rows_sharing=len(padded))
             for k, raw in zip(chunk, results):
                 values, low, _, lower_s = lowered[k]
                 try:
@@ -550,7 +575,7 @@ def iter_batch(program, rows, *, particles=None, seed=None, strategy=None, max_t
                         raw = engine.run(lm, low.program, st, seed=seed, progress=progress, memory_limit=memory_limit)
                     elif isinstance(raw, Exception):
                         raise raw
-                    outcome = _result(raw, low, values, lm, lower_s=lower_s, wall_s=wall)
+                    outcome = _result(raw, low, values, lm, lower_s=lower_s, wall_s=wall, scorer=scored)
                 except HostAbort as stop:
                     outcome = stop.error
                 except Exception as exc:  # noqa: BLE001

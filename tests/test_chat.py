@@ -380,3 +380,18 @@ def test_chat_sentiment_example_matches_the_exact_posterior_on_the_default_model
     assert abs(result.log_evidence - math.log(z)) < 0.3
     last = result.conversation[-1]
     assert last["role"] == "assistant" and last["content"] in exact
+
+
+def test_logprob_of_interpolated_in_a_turn_is_shown_in_its_message():
+    """The messages show the value the run rendered into the prompt (the scorer remembers its requests), not a
+    placeholder."""
+    from test_logprob_of import toy_reference
+
+    lm = toy_chat_lm(seed=3)
+    src = ('user "a?"\nassistant "[x]" where x in ["a", "b"]\nuser "c {logprob_of(x, given=x):.4f}?"\n'
+           'assistant "[y]" where y in ["a", "c"]\nreturn x, y\n')
+    r = lmprog.compile(src, "t.lmp").run(lm=lm, particles=16, seed=0, strategy="importance")
+    assert {s.values["x"] for s in r.samples} == {"a", "b"}
+    for s in r.samples:
+        x = s.values["x"]
+        assert s.messages[2] == {"role": "user", "content": f"c {toy_reference(lm, x, x):.4f}?"}

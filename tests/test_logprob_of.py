@@ -156,6 +156,23 @@ def test_one_batched_call_per_host_step_and_model():
     assert (own.rows, judged.rows) == (3, 3)
 
 
+def test_stats_count_each_runs_scoring_per_model():
+    lm, judge = toy(3), toy(9)
+    r = run(PROGRAM.format(n=256), lm, models={"judge": judge}, seed=1)
+    again = run(PROGRAM.format(n=256), lm, models={"judge": judge}, seed=2)  # the same requests: remembered
+    sc = r.stats["scorer"]
+    assert set(sc) == {"model", "judge"}
+    for name, model in (("model", lm), ("judge", judge)):
+        assert (sc[name]["batches"], sc[name]["rows"]) == (1, 3)  # one host step each, 3 distinct requests
+        assert sc[name]["forwards"] == scorer_for(model).forwards >= 1
+    assert "scorer" not in again.stats and "scorer" not in run('"Q: [x]" where x in ["a"]\n', lm).stats
+    assert r.to_dict()["stats"]["scorer"] == sc
+    program = lmprog.compile(PROGRAM.format(n=16).replace('"Q: [x]', 'input c = "a"\n"Q{c}: [x]'), "t.lmp")
+    rows = program.run_batch([{"c": "b"}, {"c": "c"}], lm=toy(4), models={"judge": toy(5)}, seed=0)
+    for b in rows:  # one engine call: its two rows share its host steps' batches
+        assert b.stats["scorer"]["judge"]["rows_sharing"] == 2 and b.stats["scorer"]["judge"]["batches"] == 1
+
+
 def test_a_judge_that_is_the_programs_model_shares_its_batch():
     lm = toy(8)
     src = '''model judge = "given with models="

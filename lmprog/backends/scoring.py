@@ -131,6 +131,11 @@ class Scorer:
     def __repr__(self) -> str:
         return f"Scorer({getattr(self.lm, 'name', self.lm)!r}, batches={self.batches}, rows={self.rows})"
 
+    def counters(self) -> dict:
+        """The counters as a dict (a result's ``stats.scorer``)."""
+        return {"batches": self.batches, "forwards": self.forwards, "rows": self.rows,
+                "prefix_tokens": self.prefix_tokens}
+
     def encode(self, context: str, text: str) -> Encoded:
         enc = encode_request(self.lm.tokenizer, context, text)
         limit = getattr(self.lm, "max_context", None)

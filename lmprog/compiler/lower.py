@@ -283,8 +283,15 @@ class Lowering:
             return None
         turns, runtime = list(self.turns), self.runtime
 
+        scored = [(piece[1], piece[3]) for _, pieces in turns for piece in pieces
+                  if piece[0] not in ("text", "hole")]
+
         def conversation(sample):
             ctx = ParticleContext(sample.values, sample.data, getattr(sample, "hole_logprobs", None))
+            try:
+                runtime.prefetch_contexts(scored, [ctx])  # logprob_of in the turns (a no-op without)
+            except Exception:  # noqa: BLE001 - display only: an interpolation it could not score shows "?"
+                pass
             out = []
             for role, pieces in turns:
                 text = []

@@ -367,14 +367,19 @@ class Runtime:
         """Score, in one batched call per model, every ``logprob_of`` that the expressions ``items``
         (``[(expr, scope), ...]``) make for the particles ``idx`` of ``view`` (module docstring); afterwards
         :meth:`eval_for` finds each score in :attr:`scores`. A no-op for expressions without ``logprob_of``."""
+        self.prefetch_contexts(items, [ParticleContext(view.values[i], view.data[i], view_logprobs(view, i))
+                                       for i in idx])
+
+    def prefetch_contexts(self, items, contexts) -> None:
+        """:meth:`prefetch` for the particles ``contexts`` (:class:`ParticleContext` each); a finished sample's
+        displayed text uses it too (its requests were scored during the run: the scorer remembers them)."""
         items = [(e, sc) for e, sc in items if self._needs_scores(e)]
         self.scores = {}
-        if not items or len(idx) == 0:
+        if not items or not contexts:
             return
         for _ in range(MAX_SCORE_ROUNDS):
             missing: dict[tuple, None] = {}
-            for i in idx:
-                ctx = ParticleContext(view.values[i], view.data[i], view_logprobs(view, i))
+            for ctx in contexts:
                 for expr, scope in items:
                     try:
                         RunEvaluator(scope, ctx, self, collect=missing).eval(expr)
