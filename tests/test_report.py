@@ -640,3 +640,14 @@ def test_chromium_screenshot_is_not_blank(smc, tmp_path):
 def test_screenshot_in_docs_is_a_png():
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "img", "report.png")
     assert png_rows(path)[0] > 0
+
+
+@needs_chromium
+def test_chromium_particle_gibbs_page(tmp_path):
+    r = lmprog.compile(PARTICLE_GIBBS, "pg.lmp").run(lm=toy_lm(), seed=4)
+    path = tmp_path / "pg.html"
+    r.report(path)
+    dom = chromium(tmp_path, path, "--dump-dom").stdout
+    assert 'data-lmprog-ready="1"' in dom and page_errors(dom) == ""
+    assert len(re.findall(r'data-role="sweep-particle-row"', dom)) == distinct_histories(SimpleNamespace(raw=r.raw.sweep))
+    assert len(re.findall(r'data-role="sweep-genealogy"', dom)) == 1
