@@ -21,8 +21,10 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/lmprog run examples/capital.lmp
 
+# Two workers, whole files each (module fixtures stay per file): the suite is mostly single-threaded tracing and
+# XLA compilation, so two processes use both cores of a 2-core machine.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 bench: setup
 	$(PY) benchmarks/bench_decode.py

@@ -341,7 +341,7 @@ def _write_report(console, path: str, text: str) -> int:
     except OSError as exc:
         print(f"lmprog: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    console.print(f"report: {path} ({report.size_text(size)}, self-contained HTML)", highlight=False)
+    console.print(f"report: {path} ({report.size_text(size)}, self-contained HTML)", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -422,7 +422,7 @@ def _batch(args, procs) -> int:
     if blank:
         shown = ", ".join(str(b) for b in blank[:10]) + (", ..." if len(blank) > 10 else "")
         console.print(f"skipped {len(blank)} blank line{'s' if len(blank) != 1 else ''} of {args.inputs} "
-                      f"(line{'s' if len(blank) != 1 else ''} {shown})", highlight=False)
+                      f"(line{'s' if len(blank) != 1 else ''} {shown})", highlight=False, soft_wrap=True)
     total = len(rows) + len(bad)
     out_path = args.out
     if procs.count > 1:  # this process's share of the rows, into its own part file
@@ -431,7 +431,7 @@ def _batch(args, procs) -> int:
     share = len(rows) + len(bad)
     done = _done_rows(out_path, rows, total, console) if args.resume else {}
     if done:
-        console.print(f"resuming: {len(done)}/{total} rows already in {args.out}", highlight=False)
+        console.print(f"resuming: {len(done)}/{total} rows already in {args.out}", highlight=False, soft_wrap=True)
     model = args.model or program.model or program.default_model
     with console.status(f"loading {model} ..."):
         lm = get_model(model)
@@ -456,7 +456,7 @@ def _batch(args, procs) -> int:
                 kinds[record["row"]] = kind
                 if kind != "ok":
                     console.print(f"[red]row {record['row']} ({args.inputs}:{record['line']}):[/red] "
-                                  f"{record['error']}", markup=True, highlight=False)
+                                  f"{record['error']}", markup=True, highlight=False, soft_wrap=True)
 
             for n, line_no, message in bad:
                 if n not in done:
@@ -487,7 +487,8 @@ def _batch(args, procs) -> int:
         where = f" to {args.out}" if args.out else ""
         console.print(f"interrupted: {written} row{'s' if written != 1 else ''} written{where} "
                       f"({len(kinds)}/{total} rows done)"
-                      + ("; run the same command with --resume to finish" if args.out else ""), highlight=False)
+                      + ("; run the same command with --resume to finish" if args.out else ""),
+                      highlight=False, soft_wrap=True)
         return 130
     if args.out:
         _sort_records(out_path)
@@ -503,7 +504,8 @@ def _batch(args, procs) -> int:
     failed = {k for k in kinds.values() if k != "ok"}
     n_failed = sum(1 for k in kinds.values() if k != "ok")
     console.print(f"{len(kinds) - n_failed}/{share} rows ok" + (f" -> {out_path}" if args.out else "")
-                  + (f" (process {procs.index} of {procs.count})" if procs.count > 1 else ""), highlight=False)
+                  + (f" (process {procs.index} of {procs.count})" if procs.count > 1 else ""),
+                  highlight=False, soft_wrap=True)
     return 1 if "run" in failed else 2 if failed else report_status
 
 
@@ -600,7 +602,7 @@ def _done_rows(path: str, rows: list, total: int, console) -> dict:
             if i == len(lines) - 1:  # cut short by an interrupted write: drop it
                 with open(path, "r+", encoding="utf-8") as f:
                     f.truncate(len(text[:offset].encode("utf-8")))
-                console.print(f"{path}:{i + 1}: dropped an incomplete last line", highlight=False)
+                console.print(f"{path}:{i + 1}: dropped an incomplete last line", highlight=False, soft_wrap=True)
                 break
             raise _UsageError(f"--resume: {path}:{i + 1} is not a record of lmprog batch")
         if not 0 <= n < total:

@@ -284,5 +284,6 @@ def test_a_lowered_choice_program_on_a_tiny_llama_gives_the_same_run_with_smalle
     assert low.program.holes[0].reach == 8 and sizes[0] < sizes[1]
     np.testing.assert_array_equal(a.lengths, b.lengths)
     np.testing.assert_array_equal(a.tokens[..., : a.lengths.max()], b.tokens[..., : a.lengths.max()])
-    np.testing.assert_array_equal(a.log_weights, b.log_weights)
-    np.testing.assert_array_equal(a.log_z, b.log_z)
+    # the same tokens; weights up to float32 rounding (attention sums over caches of different lengths)
+    np.testing.assert_allclose(a.log_weights, b.log_weights, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(a.log_z, b.log_z, rtol=1e-6, atol=1e-5)

@@ -467,7 +467,9 @@ def prog_file(tmp_path, monkeypatch):
 
 
 def test_cli_run_report(prog_file, tmp_path, capsys):
-    out = tmp_path / "r.html"
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 4)  # the message stays one line past the console width
+    deep.mkdir()
+    out = deep / "r.html"
     assert cli.main(["run", str(prog_file), "--seed", "1", "--json", "--report", str(out)]) == 0
     captured = capsys.readouterr()
     json.loads(captured.out)  # stdout is still only the JSON
