@@ -2,7 +2,8 @@
 
 Particle 0 of every iteration replays the reference trajectory (its tokens through ``Particles.force_len``,
 its host data and weights from the trace: :class:`lmprog.inference.moves.Replay`) and is its own ancestor at
-every resampling; the others are resampled from all particles (multinomial). The next reference is drawn from
+every resampling; the others are resampled from all particles (multinomial) whenever the ESS falls under
+half the particles. The next reference is drawn from
 the final weights. The chain of references leaves the posterior invariant; each of the ``iterations``
 references is a sample.
 
