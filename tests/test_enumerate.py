@@ -23,7 +23,7 @@ from _inference_cases import (ALPHA, BOS, EOS, LETTERS, NL, SP, bias_case, chi_s
 from lmprog.automata.values import ValueRule
 from lmprog.backends.toy import ToyLM
 from lmprog.compiler.automaton import Automaton, stack_automata
-from lmprog.inference import Hole, SegmentProgram, Text, enumeration, run
+from lmprog.inference import Hole, SegmentProgram, Text, enumeration, holes, run
 from lmprog.inference.exact import enumerate_program
 from lmprog.inference.moves import Sites
 from lmprog.inference.samples import InferenceResult
@@ -50,7 +50,7 @@ def test_trie_paths_are_the_hole_language(case):
     lm, prog = first_hole_program(case)
     exact = enumerate_program(lm, prog)
     hole = prog.holes[0]
-    trie = enumeration.build_trie(prog.table, int(hole.start), hole.max_tokens, hole.max_tokens + prog.table.max_pending() + 1)
+    trie = enumeration.build_trie(prog.table, int(hole.start), hole.max_tokens, hole.max_tokens + holes.slack(prog.table))
     assert trie is not None
     paths = {tuple(int(t) for t in trie.path_tokens[k, : trie.path_len[k]]) for k in range(trie.leaves.size)}
     assert paths == {p.tokens for p in exact.paths}  # tokens after the prompt: the hole's
