@@ -90,20 +90,19 @@ class Result:
 
     @classmethod
     def from_inference(cls, raw, returns: Callable[[Any], dict], inputs: dict, *,
-                       conversation: Optional[Callable[[Any], list]] = None, **stats) -> "Result":
+                       conversation: Optional[Callable[[list], list]] = None, **stats) -> "Result":
         """The one path from the engine's particles (a one-group
         :class:`~lmprog.inference.samples.InferenceResult`) to a Result: each finished particle's returned
         values (``returns(decoded particle)``), the posterior tallied over them, the ESS history, the counters
         (``stats`` adds or overrides them: ``wall_s``, ``lower_s``, ``model``, ...) and, for MCMC, the
-        convergence diagnostics of the returned values. ``conversation``: a chat program's messages of a
-        particle (``Lowered.conversation``)."""
-        samples, dead = [], 0
-        for s in raw.samples:
-            if not s.alive:
-                dead += 1
-                continue
-            samples.append(Sample(returns(s), s.text, s.log_weight, s.weight, dict(s.values),
-                                  conversation(s) if conversation is not None else None))
+        convergence diagnostics of the returned values. ``conversation``: a chat program's messages of
+        particles (``Lowered.conversation``: a list per particle)."""
+        decoded = raw.samples
+        alive = [s for s in decoded if s.alive]
+        dead = len(decoded) - len(alive)
+        messages = conversation(alive) if conversation is not None else [None] * len(alive)
+        samples = [Sample(returns(s), s.text, s.log_weight, s.weight, dict(s.values), m)
+                   for s, m in zip(alive, messages)]
         rb = rao_blackwellized(raw)
         if rb:  # the exact conditional table of each particle instead of its one draw (module docstring)
             pairs, distributions = _rao_blackwell(raw, returns, rb)

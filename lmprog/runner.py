@@ -418,9 +418,10 @@ def check_host_memory(low, strategy, memory_limit=None, lm=None) -> None:
 
 
 def _lower_row(program, lm, row, *, seed, strategy, particles, max_tokens, temperature, from_text,
-               memory_limit=None, judges=None, enumerate_holes=None):
-    """Resolve a row's inputs, check the context its loops need, lower, build its strategy, check the host
-    memory of its samples. Returns ``(values, lowered, strategy, lower_s)``."""
+               scorers, memory_limit=None, enumerate_holes=None):
+    """Resolve a row's inputs, check the context its loops need, lower (``logprob_of`` scored by ``scorers``:
+    :func:`_scorers`), build its strategy, check the host memory of its samples. Returns
+    ``(values, lowered, strategy, lower_s)``."""
     t0 = time.perf_counter()
     if not isinstance(row, Mapping):
         raise OptionError(f"a batch row must be a mapping of input names to values, not {type(row).__name__}")
@@ -428,7 +429,7 @@ def _lower_row(program, lm, row, *, seed, strategy, particles, max_tokens, tempe
     check_context(program, values, lm)
     low = lower(program, lm.tokenizer, values, seed=seed,
                 default_max_tokens=effective_max_tokens(program, strategy, max_tokens),
-                scorers=_scorers(lm, judges or {}))
+                scorers=scorers)
     st = build_strategy(program, low, strategy=strategy, particles=particles, max_tokens=max_tokens,
                         temperature=temperature, enumerate_holes=enumerate_holes)
     check_host_memory(low, st, memory_limit, lm)
@@ -488,7 +489,7 @@ def run_program(program, inputs: Mapping[str, Any], *, particles=None, seed=None
     scored_before = scorer_counts(scorers)
     values, low, st, lower_s = _lower_row(program, lm, dict(inputs), seed=seed, strategy=strategy,
                                           particles=particles, max_tokens=max_tokens, temperature=temperature,
-                                          from_text=from_text, memory_limit=memory_limit, judges=judges,
+                                          from_text=from_text, memory_limit=memory_limit, scorers=scorers,
                                           enumerate_holes=enumerate_holes)
     with host_time_limit(host_timeout), sharding.devices(devices, model_devices):
         try:
@@ -543,7 +544,7 @@ def iter_batch(program, rows, *, particles=None, seed=None, strategy=None, max_t
         lm = get_model(model or program.model or program.default_model)
     seed = _seed(program, seed)
     opts = dict(seed=seed, strategy=strategy, particles=particles, max_tokens=max_tokens, temperature=temperature,
-                from_text=from_text, memory_limit=memory_limit, judges=load_models(program, models),
+                from_text=from_text, memory_limit=memory_limit, scorers=_scorers(lm, load_models(program, models)),
                 enumerate_holes=enumerate_holes)
 
     lowered: dict[int, tuple] = {}
@@ -555,7 +556,7 @@ def iter_batch(program, rows, *, particles=None, seed=None, strategy=None, max_t
     if not lowered:
         return
     st = lowered[next(iter(lowered))][2]
-    scorers = _scorers(lm, opts["judges"])
+    scorers = opts["scorers"]
     with host_time_limit(host_timeout), sharding.devices(devices, model_devices):
         for chunk, padded in _calls(lowered, st, max_batch_particles):
             programs = [(lowered[k][1].structure_key, lowered[k][1].program) for k in padded]

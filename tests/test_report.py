@@ -527,6 +527,16 @@ def chromium(tmp_path, page_path, *args) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
 
 
+def rendered_dom(tmp_path, name: str, page: str) -> str:
+    """The DOM of ``page`` after headless Chromium ran its scripts, which must have run to their end without
+    an error."""
+    path = tmp_path / name
+    path.write_text(page, encoding="utf-8")
+    dom = chromium(tmp_path, path, "--dump-dom").stdout
+    assert 'data-lmprog-ready="1"' in dom and page_errors(dom) == ""
+    return dom
+
+
 def page_errors(dom: str) -> str:
     m = re.search(r'<pre id="lmprog-errors"[^>]*>(.*?)</pre>', dom, re.S)
     assert m, "the page's error element is missing"
@@ -558,10 +568,8 @@ def test_chromium_error_hook_catches_a_broken_script(smc, tmp_path):
 
 @needs_chromium
 def test_chromium_batch_page(smc, mcmc, tmp_path):
-    path = tmp_path / "batch.html"
-    report.write(path, report.render_batch([(1, {"n": 2}, mcmc), (0, {"n": 1}, smc), (2, {"n": 3}, "row failed")]))
-    dom = chromium(tmp_path, path, "--dump-dom").stdout
-    assert 'data-lmprog-ready="1"' in dom and page_errors(dom) == ""
+    dom = rendered_dom(tmp_path, "batch.html",
+                       report.render_batch([(1, {"n": 2}, mcmc), (0, {"n": 1}, smc), (2, {"n": 3}, "row failed")]))
     assert len(re.findall(r'data-role="batch-row"', dom)) == 3
     assert re.findall(r'<section class="result" data-prefix="(row\d)"', dom) == ["row0", "row1"]  # in row order
     assert len(re.findall(r'data-role="acceptance-bar"', dom)) == 3 and "row failed" in dom
@@ -570,10 +578,7 @@ def test_chromium_batch_page(smc, mcmc, tmp_path):
 @needs_chromium
 def test_chromium_genealogy_and_failure_pages(tmp_path):
     r = lmprog.compile(LONG, "g.lmp").run(lm=toy_lm(), seed=5)
-    path = tmp_path / "g.html"
-    r.report(path)
-    dom = chromium(tmp_path, path, "--dump-dom").stdout
-    assert 'data-lmprog-ready="1"' in dom and page_errors(dom) == ""
+    dom = rendered_dom(tmp_path, "g.html", r.report())
     nodes, edges = drawn_lineages(r)
     big_r = len(r.genealogy.steps)
     for g in range(big_r):
@@ -585,12 +590,10 @@ def test_chromium_genealogy_and_failure_pages(tmp_path):
     program = lmprog.compile(ALL_DEAD, "dead.lmp")
     with pytest.raises(InferenceError) as info:
         program.run(lm=toy_lm(), seed=1)
-    failed = tmp_path / "dead.html"
     from lmprog.result import Result
 
-    report.write(failed, report.render_failure(info.value, result=Result.from_failure(info.value), program=program))
-    dom = chromium(tmp_path, failed, "--dump-dom").stdout
-    assert 'data-lmprog-ready="1"' in dom and page_errors(dom) == ""
+    dom = rendered_dom(tmp_path, "dead.html",
+                       report.render_failure(info.value, result=Result.from_failure(info.value), program=program))
     assert len(re.findall(r'data-role="failure"', dom)) == 1 and 'data-role="source-deaths"' in dom
 
 
@@ -647,9 +650,6 @@ def test_screenshot_in_docs_is_a_png():
 @needs_chromium
 def test_chromium_particle_gibbs_page(tmp_path):
     r = lmprog.compile(PARTICLE_GIBBS, "pg.lmp").run(lm=toy_lm(), seed=4)
-    path = tmp_path / "pg.html"
-    r.report(path)
-    dom = chromium(tmp_path, path, "--dump-dom").stdout
-    assert 'data-lmprog-ready="1"' in dom and page_errors(dom) == ""
+    dom = rendered_dom(tmp_path, "pg.html", r.report())
     assert len(re.findall(r'data-role="sweep-particle-row"', dom)) == distinct_histories(SimpleNamespace(raw=r.raw.sweep))
     assert len(re.findall(r'data-role="sweep-genealogy"', dom)) == 1

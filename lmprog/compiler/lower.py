@@ -72,7 +72,7 @@ class Lowered:
     evaluate: Callable[[A.Expr, Any], Any]  # (expr, engine Sample) -> value (final scope)
     compile_s: float = 0.0
     structure_key: Hashable = ()
-    conversation: Optional[Callable[[Any], list]] = None  # engine Sample -> [{"role", "content"}] (chat turns)
+    conversation: Optional[Callable[[list], list]] = None  # engine Samples -> [[{"role", "content"}]] (chat turns)
 
 
 def structure_key(segments, hole_keys) -> tuple:
@@ -277,8 +277,9 @@ class Lowering:
                        structure_key(prog.segments, hole_keys), self._conversation())
 
     def _conversation(self):
-        """The function giving a sample's chat messages (role and content, holes and interpolations filled
-        in), or None for a program without turns."""
+        """The function giving samples' chat messages (a list per sample: role and content, holes and
+        interpolations filled in), or None for a program without turns. The turns' ``logprob_of`` are scored
+        for all the samples at once (the run scored them already: the scorer remembers them)."""
         if not self.turns:
             return None
         turns, runtime = list(self.turns), self.runtime
@@ -286,12 +287,7 @@ class Lowering:
         scored = [(piece[1], piece[3]) for _, pieces in turns for piece in pieces
                   if piece[0] not in ("text", "hole")]
 
-        def conversation(sample):
-            ctx = ParticleContext(sample.values, sample.data, getattr(sample, "hole_logprobs", None))
-            try:
-                runtime.prefetch_contexts(scored, [ctx])  # logprob_of in the turns (a no-op without)
-            except Exception:  # noqa: BLE001 - display only: an interpolation it could not score shows "?"
-                pass
+        def messages(sample, ctx):
             out = []
             for role, pieces in turns:
                 text = []
@@ -310,7 +306,16 @@ class Lowering:
                 out.append({"role": role, "content": "".join(text)})
             return out
 
-        return conversation
+        def conversations(samples):
+            samples = list(samples)
+            contexts = [ParticleContext(s.values, s.data, getattr(s, "hole_logprobs", None)) for s in samples]
+            try:
+                runtime.prefetch_contexts(scored, contexts)  # a no-op without logprob_of in the turns
+            except Exception:  # noqa: BLE001 - display only: an interpolation it could not score shows "?"
+                pass
+            return [messages(s, ctx) for s, ctx in zip(samples, contexts)]
+
+        return conversations
 
     def check_starts_with_text(self):
         """On a model without a BOS token the engine conditions on the program's leading static prompt text,
