@@ -29,6 +29,9 @@ One run of the program per (problem, strategy family, budget N), each a real run
 * ``pg``: ``particle_gibbs(iterations=4, particles=N/4)`` for N >= 8 (it needs 2 particles, one the
   reference): N particle passes of work; the answer is the majority of the 4 references.
 
+greedy, importance, smc and pg run all problems of a budget as the groups (rows) of one batch
+(``Program.run_batch``: tokens and time shared out per problem); beam, a single group, one problem per run.
+
 Budget: N; the table and plot put accuracy against the tokens the particles processed (``stats.tokens``:
 generated and per-particle forced text, the shared prompt excluded) and against wall time (``wall_s -
 compile_s``), both means per problem. Accuracy: the fraction of problems whose answer is right, with a
@@ -183,15 +186,15 @@ def work(args) -> list[tuple[str, int, int]]:
             out.append(("greedy", 1, count))
         if "importance" in fams:
             out.append(("importance", top, count))
-        alone = min(count, args.alone)  # beam and particle Gibbs run one problem at a time: on fewer problems
+        alone = min(count, args.alone)  # beam runs one problem at a time: on fewer problems
         for b in order:
-            out += [(f, b, count if f == "smc" else alone) for f in ("smc", "beam", "pg")
+            out += [(f, b, alone if f == "beam" else count) for f in ("smc", "beam", "pg")
                     if f in fams and not (f == "pg" and b < 2 * PG_ITERATIONS)]
     return out
 
 
 #: Families whose rows of a batch run as groups of one engine call (``Program.run_batch``).
-BATCHED = ("greedy", "importance", "smc")
+BATCHED = ("greedy", "importance", "smc", "pg")
 
 
 def run_key(reward: str, agg: str, family: str, budget: int, problem: int) -> str:
@@ -265,7 +268,7 @@ def run_benchmark(args) -> dict:
                 data["runs"][run_key(args.reward, args.agg, family, budget, i)] = record(
                     args, family, budget, i, problems[i], r, per(st.get("tokens", 0)), per(wall), comp, len(todo))
             save_results(out, data)
-        else:  # beam, particle Gibbs: one problem per run, saved as it ends
+        else:  # beam: one problem per run, saved as it ends
             for i in todo:
                 t0 = time.perf_counter()
                 r = program.run(lm=lm, strategy=strategy, seed=args.seed + i, max_tokens=args.max_tokens,
@@ -392,7 +395,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--run", type=int, default=40, help="problems run (the first ones) at budgets below --subset-from")
-    ap.add_argument("--alone", type=int, default=20, help="at most this many problems for beam and particle Gibbs")
+    ap.add_argument("--alone", type=int, default=20, help="at most this many problems for beam")
     ap.add_argument("--subset", type=int, default=12, help="problems run at the budgets from --subset-from on")
     ap.add_argument("--subset-from", type=int, default=32)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)

@@ -162,3 +162,28 @@ def test_rows_beyond_max_batch_particles_run_in_calls_of_equal_size(lm, engine_c
         alone = prog.run(row, lm=lm, strategy="greedy")
         assert [s.text for s in b.samples] == [s.text for s in alone.samples]
     assert progress and {p.hole for p in progress} == {"x"}  # the engine's progress callback, every call
+
+
+def test_particle_gibbs_rows_run_as_groups_of_one_call_each_with_its_exact_posterior(lm, engine_calls):
+    # rows of two prompts (so the text before and between the holes is rendered per row, and replayed by each
+    # row's reference), 160 of each in one engine call; the last reference of every row is an exact draw
+    from _inference_cases import ALPHA, chi_square_pvalue
+    from lmprog.compiler.lower import Lowering
+    from lmprog.inference.exact import enumerate_program
+
+    src = ('infer particle_gibbs(iterations=6, particles=3)\ninput who: str = "Q"\n'
+           '"{who}: [x]\\n{who} and [y]\\nZ" where x in ["a", "b", "ab"] and y in ["a", "b"]\nreturn x, y\n')
+    prog = lmprog.compile(src, "t.lmp")
+    rows = [{"who": w} for w in ("Q", "Hello there") for _ in range(160)]
+    out = prog.run_batch(rows, lm=lm, seed=4)
+    assert engine_calls == [len(rows)]
+    for who in ("Q", "Hello there"):
+        exact = enumerate_program(lm, Lowering(prog, lm.tokenizer, {"who": who}, 0, 256).run().program)
+        probs = exact.marginal(lambda p: (p.values["x"], p.values["y"]))
+        mine = [r for row, r in zip(rows, out) if row["who"] == who]
+        assert all(r.inputs == {"who": who} and r.stats["batch_rows"] == len(rows) for r in mine)
+        last = [(r.samples[-1].values["x"], r.samples[-1].values["y"]) for r in mine]
+        p = chi_square_pvalue(last, probs)
+        assert p > ALPHA, (who, p, probs)
+        rates = [float(r.raw.extra["reference_update_rate"][0, 0]) for r in mine]
+        assert all(0.0 <= v <= 1.0 for v in rates) and len({*rates}) > 1  # each row's own rate, not row 0's

@@ -136,6 +136,11 @@ class Genealogy(NamedTuple):
         return out
 
 
+#: ``extra`` tables with a leading ``[G]`` axis (MCMC acceptance per chain, particle Gibbs' reference update
+#: rate): :meth:`InferenceResult.group` keeps group ``g``'s rows of them.
+PER_GROUP_EXTRA = ("acceptance", "reference_update_rate")
+
+
 @dataclass
 class InferenceResult:
     """The outcome of :func:`lmprog.inference.engine.run`.
@@ -155,7 +160,7 @@ class InferenceResult:
         resampling) and whether that step resampled.
         stats: ``tokens`` (processed by live particles, forced + generated), ``forward_passes`` (batched LM
             calls), ``wall_s``, ``compile_s`` (calls that compiled, first execution included), ``particles``.
-        extra: strategy-specific tables (``vote``: the tally; ``best_of``: scores).
+        extra: strategy-specific tables (``vote``: the tally; ``best_of``: scores; per group: PER_GROUP_EXTRA).
         genealogy: the resampling steps' ancestors and weights (:class:`Genealogy`; ``None`` when the strategy
             does not resample through the engine's hole kernel, or for memory waves).
         died_in ``[G, N]``: the program segment each dead particle died in (``-1``: alive, or not recorded);
@@ -323,7 +328,8 @@ class InferenceResult:
             died_in=None if self.died_in is None else self.died_in[sl],
             killed={j: k[sl] for j, k in self.killed.items() if k[g]},
             sweep=None if self.sweep is None else self.sweep.group(g),
-            stats=dict(self.stats, groups=1), extra=dict(self.extra), _samples={})
+            stats=dict(self.stats, groups=1), _samples={},
+            extra={k: v[sl] if k in PER_GROUP_EXTRA else v for k, v in self.extra.items()})
 
     @classmethod
     def concat(cls, waves: list["InferenceResult"]) -> "InferenceResult":

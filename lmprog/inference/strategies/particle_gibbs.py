@@ -41,10 +41,6 @@ class ParticleGibbs(Strategy):
     #: Measured: benchmarks/bench_pg_resampling.py (docs/inference.md, "particle Gibbs").
     ess = 0.5
 
-    @property
-    def batchable(self) -> bool:
-        return False  # the references' traces and host snapshots are per particle: rows run one after another
-
     def validate(self):
         super().validate()
         if int(self.particles) < 2:
