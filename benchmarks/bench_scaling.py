@@ -154,7 +154,7 @@ def importance_answers(particles: list[dict], n: int) -> list[dict[str, str]]:
 def strategy_of(family: str, n: int, temperature: float):
     from lmprog.inference import make_strategy
 
-    opts = {"temperature": temperature}
+    opts = {"temperature": temperature, "enumerate": False}  # token by token, as when the grid was first run
     if family == "greedy":
         return make_strategy("greedy")
     if family == "importance":

@@ -69,8 +69,8 @@ MCMC_MOVES = ("suffix", "independent")
 COMMON_OPTIONS: tuple[Param, ...] = (
     Param("max_tokens", "int", 256, low=1),
     Param("temperature", "float", 1.0, low=0, open_low=True),
-    # Exact enumeration of small finite holes (lmprog.inference.enumeration); false: every hole token by token.
-    Param("enumerate", "bool", False),
+    # Enumeration of small finite holes (lmprog.inference.enumeration); false: every hole token by token.
+    Param("enumerate", "bool", True),
     Param("seed", "int", 0, low=0, high=2**32 - 1),  # as runner.SEED_RANGE (JAX keeps 32 bits of a seed)
 )
 

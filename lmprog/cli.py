@@ -93,7 +93,7 @@ def _run_options(args) -> dict:
     return dict(particles=args.particles, seed=args.seed, strategy=args.strategy, max_tokens=args.max_tokens,
                 temperature=args.temperature, model=args.model, memory_limit=args.memory_limit,
                 host_timeout=args.host_timeout, devices=args.devices, model_devices=args.model_devices,
-                enumerate_holes=True if getattr(args, "enumerate", False) else None)
+                enumerate_holes=getattr(args, "enumerate", None))
 
 
 def _engine_options(args) -> dict:
@@ -221,9 +221,12 @@ def _print_result(console, result, path: str) -> None:
                       f"ESS = {fmt(diag.get('ess'))}{warn}")
     enumerated = st.get("enumerated")
     if enumerated:  # holes generated exactly (lmprog.inference.enumeration)
-        parts = [f"{k} ({v['paths']} paths{', exact posterior' if v.get('rao_blackwellized') else ''})"
-                 for k, v in enumerated.items()]
-        console.print("enumerated exactly: " + ", ".join(parts))
+        def note(v):
+            if not v.get("rao_blackwellized"):
+                return ""
+            return ", exact posterior" if not v.get("frontier_mass") else ", Rao-Blackwellized posterior"
+        parts = [f"{k} ({v['paths']} paths{note(v)})" for k, v in enumerated.items()]
+        console.print("enumerated: " + ", ".join(parts))
     rj = result.extra.get("rejuvenation")
     if rj:
         acc = rj.get("acceptance")
@@ -652,9 +655,10 @@ def _add_run_options(p) -> None:
     p.add_argument("--max-tokens", dest="max_tokens", type=_positive_int, default=None)
     p.add_argument("--temperature", type=_positive_float, default=None)
     p.add_argument("--model", default=None, help="a registered model name, a .gguf file or a HF folder")
-    p.add_argument("--enumerate", dest="enumerate", action="store_true",
-                   help="generate small finite holes (choice lists, bounded regexes) by exact enumeration under "
-                        "importance/smc/mcmc/particle_gibbs (default: token by token); stats list them")
+    p.add_argument("--enumerate", dest="enumerate", action=argparse.BooleanOptionalAction, default=None,
+                   help="generate small finite holes (choice lists, bounded regexes) by enumeration under "
+                        "importance/smc/mcmc/particle_gibbs (the default; --no-enumerate: token by token); "
+                        "stats list them")
     p.add_argument("--memory-limit", dest="memory_limit", type=_memory_size, default=None, metavar="SIZE",
                    help="memory a run may use beyond the loaded model, e.g. 4G (default: what the device has free); "
                         "a run that needs more runs in waves of fewer particles, or stops with exit 2")

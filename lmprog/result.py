@@ -257,7 +257,8 @@ def rao_blackwellized(raw) -> list:
 def _rao_blackwell(raw, returns, holes: list) -> tuple[list, dict]:
     """``(pairs, distributions)``: the ``(returned values, weight)`` pairs of the posterior with every finished
     particle's draw of ``holes`` replaced by its conditional table (value ``v`` with weight ``w_i p_i(v)``; a
-    particle that did not run the hole keeps its values), and per hole the tallied table ``sum_i w_i p_i``.
+    particle that did not run the hole, or left its pruned enumeration for the token loop, keeps its values), and
+    per hole the tallied table ``sum_i w_i p_i``.
     Only one hole can qualify (nothing is scored after it), but any number is handled in turn."""
     from dataclasses import replace
 
@@ -270,7 +271,10 @@ def _rao_blackwell(raw, returns, holes: list) -> tuple[list, dict]:
         tables = s.data.get(TABLE_KEY, {})
         variants = [(s.values, 1.0)]
         for h in holes:
-            if h not in tables or h not in s.values:
+            if h not in s.values:
+                continue
+            if h not in tables:  # a pruned enumeration's frontier draw: its own value, an unbiased one-point table
+                per_hole[h].append((s.values[h], s.weight))
                 continue
             values, probs = tables[h]
             variants = [({**vals, h: v}, q * float(p)) for vals, q in variants for v, p in zip(values, probs) if p > 0]

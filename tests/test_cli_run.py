@@ -31,7 +31,8 @@ def test_run_json_prints_the_documented_object(prog, capsys):
     assert cli.main(["run", str(prog), "--set", "n=4", "--json", "--seed", "1"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert set(d) == {"strategy", "properly_weighted", "samples", "posterior", "log_evidence", "log_evidence_se", "ess",
-                      "stats"}
+                      "stats", "distributions"}  # the enumerated hole's table (docs/running.md)
+    assert [e["value"] for e in d["distributions"]["x"]] and d["stats"]["enumerated"]["x"]["paths"] >= 3
     assert d["strategy"] == "smc" and d["properly_weighted"] is True
     assert abs(sum(p["probability"] for p in d["posterior"]) - 1) < 1e-6
     assert all(p["value"]["n"] == 4 for p in d["posterior"])
@@ -96,3 +97,13 @@ def test_batch_runs_rows_of_the_same_structure_in_one_engine_call(prog, tmp_path
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["posterior"][0]["value"]["n"] for x in lines[:3]] == [1, 2, 3]
     assert "not valid JSON" in lines[3]["error"]
+
+
+def test_no_enumerate_runs_every_hole_token_by_token(prog, capsys):
+    assert cli.main(["run", str(prog), "--json", "--seed", "1"]) == 0
+    assert "x" in json.loads(capsys.readouterr().out)["stats"]["enumerated"]  # the default
+    assert cli.main(["run", str(prog), "--json", "--seed", "1", "--no-enumerate"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert "enumerated" not in d["stats"] and "distributions" not in d
+    assert cli.main(["run", str(prog), "--seed", "1"]) == 0
+    assert "enumerated: x (" in capsys.readouterr().out

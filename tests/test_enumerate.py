@@ -33,8 +33,10 @@ from lmprog.result import Result
 
 @pytest.fixture(autouse=True)
 def _room(monkeypatch):
-    """Room for every particle of the many-group runs below to be its own class (the default bounds memory)."""
+    """Room for every particle of the many-group runs below to be its own class (the default bounds memory);
+    the whole trie expanded (zero variance), unless a test prunes it."""
     monkeypatch.setattr(enumeration, "MAX_ROWS", 1 << 20)
+    monkeypatch.setattr(enumeration, "PRUNE", 0.0)
 
 
 def first_hole_program(case):
@@ -207,3 +209,85 @@ def test_rao_blackwellized_mcmc_posterior_is_exact():
     for k in exact:
         assert got[k] == pytest.approx(exact[k], abs=1e-5)
     assert math.isclose(sum(got.values()), 1.0, abs_tol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pruned enumeration (untraced runs): the frontier continues token by token
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prune", [0.3, 2.0])  # 2.0: nothing under the root is expanded (all token loop)
+@pytest.mark.parametrize("strategy", [Importance(enumerate=True, particles=4), SMC(enumerate=True, particles=4, ess=1.0)])
+@pytest.mark.parametrize("case", [rich_case, host_case])
+def test_pruned_enumeration_is_properly_weighted(case, strategy, prune, monkeypatch):
+    monkeypatch.setattr(enumeration, "PRUNE", prune)
+    lm, prog = case()
+    exact = enumerate_program(lm, prog)
+    res = run(lm, prog, strategy, seed=3, groups=600)
+    info = res.stats["enumerated"]
+    assert all(v["prune"] == prune for v in info.values())
+    assert sum(v["token_loop"] for v in info.values()) > 0  # the frontier was drawn and went on token by token
+    assert max(v["frontier_mass"] for v in info.values()) > 0
+    zs = unbiased_z_scores(res, exact.probs(), exact.z)
+    assert len(zs) >= 3 and np.all(np.abs(zs) < 4.5), zs
+
+
+def test_pruning_feeds_fewer_rows():
+    lm, prog = rich_case()
+    full = run(lm, prog, Importance(enumerate=True, particles=4), seed=1, groups=50)
+    enumeration.PRUNE = 0.3  # restored by the autouse fixture
+    pruned = run(lm, prog, Importance(enumerate=True, particles=4), seed=1, groups=50)
+    rows = lambda r: sum(v["lm_rows"] for v in r.stats["enumerated"].values())  # noqa: E731
+    assert rows(pruned) < rows(full)
+    assert sum(v["token_loop"] for v in pruned.stats["enumerated"].values()) > 0
+
+
+@pytest.mark.parametrize("prune", [0.6, 2.0])
+def test_pruned_rao_blackwellized_posterior_is_consistent(prune, monkeypatch):
+    # a frontier draw has no table: its own value stands for it (unbiased), the others' tables are over the
+    # expanded paths; with many particles the posterior is the exact one
+    monkeypatch.setattr(enumeration, "PRUNE", prune)
+    lm, prog = two_choice_case()
+    exact = enumerate_program(lm, prog).marginal(lambda p: p.values["x"])
+    assert min(exact.values()) / max(exact.values()) < 0.6  # so 0.6 leaves the less likely value to the frontier
+    raw = run(lm, prog, Importance(enumerate=True, particles=3000), seed=2)
+    info = raw.stats["enumerated"]["x"]
+    assert info["rao_blackwellized"] and info["token_loop"] > 0
+    got = dict(Result.from_inference(raw, lambda s: dict(s.values), {}).distribution("x"))
+    assert math.isclose(sum(got.values()), 1.0, abs_tol=1e-9)
+    for k in exact:
+        assert got[k] == pytest.approx(exact[k], abs=0.04), (got, exact)
+
+
+def test_traced_runs_enumerate_the_whole_trie(monkeypatch):
+    # MCMC moves and particle Gibbs keep one fixed proposal per site (and may restart a chain in the hole)
+    monkeypatch.setattr(enumeration, "PRUNE", 0.6)
+    lm, prog = two_choice_case()
+    for st in (ParticleGibbs(enumerate=True, iterations=2, particles=2), MCMC(enumerate=True, steps=2, chains=2)):
+        info = run(lm, prog, st, seed=0).stats["enumerated"]["x"]
+        assert info["prune"] == 0.0 and info["token_loop"] == 0
+
+
+def test_tries_are_kept_on_disk_and_read_back_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMPROG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(enumeration, "_TRIES", {})
+    lm, prog = rich_case()
+    hole = prog.holes[0]
+    args = (prog.table, lm.tokenizer, hole, int(hole.start), hole.max_tokens,
+            hole.max_tokens + holes.slack(prog.table))
+    built = enumeration.trie_for(*args)
+    (entry,) = (tmp_path / "tries").glob("*.npz")
+    monkeypatch.setattr(enumeration, "_TRIES", {})  # a new process: nothing in memory
+    monkeypatch.setattr(enumeration, "build_trie", lambda *a, **k: pytest.fail("built again"))
+    loaded = enumeration.trie_for(*args)
+    for name in enumeration.Trie._fields:
+        x, y = getattr(built, name), getattr(loaded, name)
+        assert (x == y) if name == "values" else (x.dtype == y.dtype and np.array_equal(x, y)), name
+    entry.write_bytes(b"damaged")
+    monkeypatch.setattr(enumeration, "_TRIES", {})
+    monkeypatch.undo()  # the real build_trie again (and the real cache folder: re-set it)
+    monkeypatch.setenv("LMPROG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(enumeration, "_TRIES", {})
+    again = enumeration.trie_for(*args)
+    assert np.array_equal(again.path_tokens, built.path_tokens)
+    assert entry.read_bytes() != b"damaged"

@@ -28,7 +28,8 @@ def _exact(lm, power):
 
 def test_factor_minus_logprob_cancels_the_lm():
     lm = toy_lm()
-    src = 'infer importance(particles=2000)\n"Q: [x]\\n" where x in ["a", "b"]\nfactor -logprob(x)\n'
+    # token by token (enumerate=false): each value's weight is then 1 / q(value) of the first token's choice
+    src = 'infer importance(particles=2000, enumerate=false)\n"Q: [x]\\n" where x in ["a", "b"]\nfactor -logprob(x)\n'
     r = run(src, lm, seed=4)
     # every hole value gets weight p(s) / p(s) = 1: a uniform posterior and evidence 2
     assert abs(r.probability(x="a") - 0.5) < 0.03

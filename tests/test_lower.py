@@ -177,8 +177,10 @@ def test_python_predicate_constraint_and_functions(lm):
 def test_result_json_has_exactly_the_documented_keys(lm):
     r = run('"Q: [x]\\n" where x in ["a", "b"]', lm, particles=8, strategy="smc")
     d = json.loads(r.to_json())
+    # "distributions": the enumerated hole's Rao-Blackwellized table (docs/running.md)
     assert set(d) == {"strategy", "properly_weighted", "samples", "posterior", "log_evidence", "log_evidence_se", "ess",
-                      "stats"}
+                      "stats", "distributions"}
+    assert set(d["distributions"]) == {"x"} and {e["value"] for e in d["distributions"]["x"]} <= {"a", "b"}
     assert set(d["samples"][0]) == {"values", "text", "log_weight", "weight"}
     assert set(d["posterior"][0]) == {"value", "probability"}
     assert {"tokens", "forward_passes", "wall_s", "compile_s"} <= set(d["stats"])

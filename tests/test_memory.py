@@ -19,6 +19,7 @@ from lmprog.inference.engine import FEED_CHUNK, layout
 from lmprog.inference.memory import MemoryPlanError, cache_slot_bytes, parse_size
 from lmprog.inference.memory import plan as memory_plan
 from lmprog.inference.samples import InferenceResult
+from lmprog.runner import build_strategy
 
 
 def plan(lm, prog, strategy, groups=1, memory_limit=None):
@@ -148,8 +149,8 @@ def test_program_run_passes_the_limit_and_splits_into_waves(monkeypatch):
     prog = lmprog.compile('infer smc(particles=64)\n"a[x]" where x matches r"[ab]+" and tokens(x) <= 3\n', "p.lmp")
     big = prog.run(lm=lm, seed=1)
     assert "waves" not in big.stats
-    st = SMC(particles=16)
     low = lower(prog, lm.tokenizer, {}, seed=1, default_max_tokens=256)
+    st = build_strategy(prog, low, particles=16)  # the run's strategy (its max_tokens, enumeration) at 16 particles
     limit = plan(lm, low.program, st, memory_limit="64G").need
     r = prog.run(lm=lm, seed=1, memory_limit=limit)
     assert r.stats["waves"] == 4 and r.stats["particles"] == 64

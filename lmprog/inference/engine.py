@@ -697,7 +697,8 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
     finite hole, exact enumeration: :mod:`lmprog.inference.enumeration`)."""
     state, plan = enumeration.plan(run, state, s, j, seg, part)
     if plan is not None:
-        return enumeration.walk_hole(run, state, s, j, seg, part, pos_bound, check, on_resample, plan)
+        return enumeration.walk_hole(run, state, s, j, seg, part, pos_bound, check, on_resample, plan,
+                                     token_loop)
     num, kern = run.num, run.kern
     h = run.program.hole_index(seg.name)
     budget_ = budget(seg, run.strategy)
@@ -710,7 +711,21 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
     if part.resume is not None and part.resume.any():
         state = run.call(kern.resume_hole, state, jnp.asarray(part.resume), jnp.asarray(part.resume_at, jnp.int32),
                          jnp.full((num,), h, jnp.int32), jnp.int32(s.prefix[-1]))
-    steps_done = 0
+    state = token_loop(run, state, s, j, seg, part, hp, budget_, on_resample)
+    pos_bound += _room(seg, run.strategy, s.slack)  # the slots setup reserved for the hole
+    if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
+        state = run.call(kern.refine_causes, run.consts, hp, state)
+    if check:
+        state = run.note_deaths(state, j, seg)
+    return state, pos_bound
+
+
+def token_loop(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Part, hp, budget_: int, on_resample,
+               steps_done: int = 0) -> RunState:
+    """The device token loop of hole ``seg`` for the particles still running in it (``begin_hole`` done), one
+    chunk per call until none runs: host prefix checks, ``part.on_chunk``, genealogy, ESS rows, progress and
+    ``on_resample`` after each chunk. Enumeration continues here the particles it left inside the hole."""
+    num, kern = run.num, run.kern
     since = 0  # steps since the last restart by part.on_chunk (the budget guard)
     # A predicate on every prefix (h.pred(X, prefix=true)) is a host call after every token.
     step_kern = kern if seg.prefix_check is None else get_kernels(run.lm, replace(kern.cfg, chunk=1))
@@ -743,12 +758,7 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
             break
         if since > budget_ + s.slack + 1:  # pragma: no cover - the budget rule guarantees termination
             raise RuntimeError(f"hole {seg.name!r} did not finish within its budget of {budget_} tokens")
-    pos_bound += _room(seg, run.strategy, s.slack)  # the slots setup reserved for the hole
-    if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
-        state = run.call(kern.refine_causes, run.consts, hp, state)
-    if check:
-        state = run.note_deaths(state, j, seg)
-    return state, pos_bound
+    return state
 
 
 def _walk_host(run: Run, state: RunState, s: Setup, j: int, seg: Host, part: Part, pos_bound: int, check: bool, _):

@@ -32,6 +32,12 @@ reference replays its own path (the one that matches its recorded tokens) with t
 MCMC suffix moves cut an enumerated hole only at its start (:mod:`lmprog.inference.moves`: the hole is one
 site).
 
+**Pruning** (untraced runs, :data:`PRUNE`): only trie nodes that carry mass are fed; a particle draws among the
+complete paths under them and the *frontier* nodes left unexpanded (in proportion to their probabilities,
+``log_weight += log M`` with ``M`` their total), and a frontier draw goes on token by token from its node
+(``engine.token_loop``): unbiased and properly weighted, with proposal variance only in the frontier's share
+of ``M`` (docs/inference.md, "Pruning").
+
 **Rao-Blackwellization.** Each enumerated particle keeps its table ``p(x | h_i) / Z_i`` (aggregated over paths
 with the same value) in its host data under :data:`TABLE_KEY`. When nothing after the hole is scored (only
 text follows it), that table is the exact conditional of the hole given everything else in the particle, so the
@@ -41,6 +47,11 @@ posterior of the hole is ``sum_i w_i table_i`` instead of ``sum_i w_i [x_i = v]`
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+import tempfile
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -52,6 +63,7 @@ from lmprog.inference.aot import DiskJit
 from lmprog.inference import holes, resampling
 from lmprog.inference.kernel import NEG_INF, TRACE_COUNTS
 from lmprog.inference.segments import Cause, Hole, Text
+from lmprog.paths import cache_dir
 
 __all__ = ["MAX_NODES", "MAX_ROWS", "TABLE_KEY", "Trie", "build_trie", "plan", "rao_blackwell_holes",
            "walk_hole"]
@@ -66,6 +78,14 @@ MAX_ROWS = 1024
 BLOCK = 256
 #: The most tokens of one path (longer languages are left to the token loop).
 MAX_DEPTH = 32
+#: Untraced runs expand a trie node only when its probability is at least this fraction of the likeliest node
+#: or path of its class (:func:`_enumerate`); what falls under it continues token by token. Chosen by
+#: measurement (benchmarks/bench_enumerate.py, docs/performance.md): every tokenisation of a label is a path,
+#: and all but the canonical few carry almost no mass.
+PRUNE = 1e-4
+#: Traced runs expand the whole trie (one fixed proposal per site): only tries of at most this many fed nodes,
+#: about the rows a token loop of a few dozen particles feeds for a short hole; larger ones go token by token.
+TRACED_MAX_FED = 128
 #: Host data key of a particle's conditional tables: ``{hole name: (values, probabilities)}``.
 TABLE_KEY = "__enumerated__"
 
@@ -76,8 +96,9 @@ class Trie(NamedTuple):
     ``parent [N]`` (-1 for the root), ``token [N]``, ``depth [N]``; ``fed [F]``: the nodes fed to the LM (the
     root, then every node with children, by depth), ``fed_of [N]`` their index in ``fed`` (-1: not fed);
     ``leaves [K]``: the complete paths' last nodes; ``path_tokens [K, L]`` / ``path_nodes [K, L]`` their tokens
-    and nodes (padded with 0), ``path_len [K]``; ``values``: the distinct values of the paths, ``value_of [K]``
-    the index of each path's value."""
+    and nodes (padded with 0), ``path_len [K]``; ``fed_tokens [F, L]`` / ``fed_nodes [F, L]`` the same for the
+    path to every fed node (``depth[fed]`` long: where a pruned walk hands a particle to the token loop);
+    ``values``: the distinct values of the paths, ``value_of [K]`` the index of each path's value."""
 
     parent: np.ndarray
     token: np.ndarray
@@ -88,6 +109,8 @@ class Trie(NamedTuple):
     path_tokens: np.ndarray
     path_nodes: np.ndarray
     path_len: np.ndarray
+    fed_tokens: np.ndarray
+    fed_nodes: np.ndarray
     values: tuple
     value_of: np.ndarray
 
@@ -123,6 +146,17 @@ def _pad(a: np.ndarray, n: int, fill) -> np.ndarray:
     return out
 
 
+@jax.jit
+def _table_mask(table, states, counts, max_tokens):
+    return table.mask(states, counts, max_tokens)
+
+
+@jax.jit
+def _table_step(table, states, counts, tokens):
+    ns, nc = table.step(states, counts, tokens)
+    return ns, nc, table.done(ns, nc)
+
+
 def _allowed(table, states: np.ndarray, counts: np.ndarray, max_tokens: int, chunk: int = 256):
     """``(row, token)`` of every allowed token of every ``(state, counts)`` row (``table.mask``), in row order,
     ``chunk`` rows per call (bounds the ``[rows, V]`` mask)."""
@@ -130,8 +164,8 @@ def _allowed(table, states: np.ndarray, counts: np.ndarray, max_tokens: int, chu
     for a in range(0, states.shape[0], chunk):
         st, cn = states[a : a + chunk], counts[a : a + chunk]
         n = round_pow2(st.shape[0], 8)
-        m = np.asarray(table.mask(jnp.asarray(_pad(st, n, -1)), jnp.asarray(_pad(cn, n, 0)),
-                                  jnp.int32(max_tokens)))[: st.shape[0]]
+        m = np.asarray(_table_mask(table, jnp.asarray(_pad(st, n, -1)), jnp.asarray(_pad(cn, n, 0)),
+                                   jnp.int32(max_tokens)))[: st.shape[0]]
         r, t = np.nonzero(m)
         rows.append(r + a)
         toks.append(t)
@@ -158,9 +192,9 @@ def build_trie(table, start: int, max_tokens: int, max_steps: int, max_nodes: in
         if rows.size == 0:
             break
         k = round_pow2(rows.size, 8)
-        ns, nc = table.step(jnp.asarray(_pad(states[rows], k, -1)), jnp.asarray(_pad(counts[rows], k, 0)),
-                            jnp.asarray(_pad(toks.astype(np.int32), k, 0)))
-        done = np.asarray(table.done(ns, nc))[: rows.size]
+        ns, nc, done = _table_step(table, jnp.asarray(_pad(states[rows], k, -1)), jnp.asarray(_pad(counts[rows], k, 0)),
+                                   jnp.asarray(_pad(toks.astype(np.int32), k, 0)))
+        done = np.asarray(done)[: rows.size]
         ns, nc = np.asarray(ns)[: rows.size], np.asarray(nc)[: rows.size]
         ids = np.arange(len(parent), len(parent) + rows.size)
         parent += front[rows].tolist()
@@ -181,16 +215,21 @@ def build_trie(table, start: int, max_tokens: int, max_steps: int, max_nodes: in
     fed_of[fed] = np.arange(fed.size)
     length = depth[leaves]
     width = int(length.max())
-    path_tokens = np.zeros((leaves.size, width), np.int32)
-    path_nodes = np.zeros((leaves.size, width), np.int32)
-    for k, node in enumerate(leaves):
-        x = node
-        for t in range(length[k] - 1, -1, -1):
-            path_tokens[k, t], path_nodes[k, t] = token[x], x
-            x = parent[x]
+
+    def paths(ends):
+        toks, nodes = np.zeros((ends.size, width), np.int32), np.zeros((ends.size, width), np.int32)
+        for k, node in enumerate(ends):
+            x = node
+            for t in range(depth[node] - 1, -1, -1):
+                toks[k, t], nodes[k, t] = token[x], x
+                x = parent[x]
+        return toks, nodes
+
+    path_tokens, path_nodes = paths(leaves)
+    fed_tokens, fed_nodes = paths(fed)
     return Trie(parent.astype(np.int32), token.astype(np.int32), depth.astype(np.int32), fed.astype(np.int32),
                 fed_of.astype(np.int32), leaves.astype(np.int32), path_tokens, path_nodes,
-                length.astype(np.int32), (), np.zeros(leaves.size, np.int32))
+                length.astype(np.int32), fed_tokens, fed_nodes, (), np.zeros(leaves.size, np.int32))
 
 
 def _with_values(trie: Trie, tokenizer, hole: Hole) -> Trie:
@@ -204,19 +243,78 @@ def _with_values(trie: Trie, tokenizer, hole: Hole) -> Trie:
 
 
 _TRIES: dict = {}
+_DIGESTS: dict = {}
+
+
+def _digest(table) -> str:
+    """A content hash of a token table (every program lowering builds its own table object: equal tables of
+    successive runs share their tries), memoized per table object."""
+    hit = _DIGESTS.get(id(table))
+    if hit is not None and hit[0] is table:
+        return hit[1]
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(table):
+        a = np.asarray(leaf)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    out = h.hexdigest()[:32]
+    if len(_DIGESTS) > 64:
+        _DIGESTS.clear()
+    _DIGESTS[id(table)] = (table, out)
+    return out
+
+
+def _trie_path(key: str) -> Path:
+    here = Path(__file__).resolve()
+    source = b"".join(p.read_bytes() for p in (here, here.parents[1] / "automata" / "table.py",
+                                               here.parents[1] / "automata" / "counters.py"))
+    return cache_dir() / "tries" / f"{key}-{hashlib.sha256(source).hexdigest()[:12]}.npz"
+
+
+def _load_trie(path: Path):
+    """``(found, trie or None)`` from the disk cache (a trie too large to enumerate is cached as ``None``)."""
+    try:
+        with np.load(path) as z:
+            if "none" in z.files:
+                return True, None
+            arrays = {f: z[f] for f in Trie._fields if f != "values"}
+        return True, Trie(**arrays, values=())
+    except Exception:  # missing, damaged or from an older layout: build it
+        return False, None
+
+
+def _save_trie(path: Path, trie) -> None:
+    arrays = {"none": np.zeros(0)} if trie is None else {f: getattr(trie, f) for f in Trie._fields if f != "values"}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache folder: build it again next time
+        pass
 
 
 def trie_for(table, tokenizer, hole: Hole, start: int, budget: int, max_steps: int):
-    """:func:`build_trie` for ``hole`` of a program whose token table is ``table``, with its paths' values
-    (cached per table, start, budget and cap; ``None`` cached too)."""
-    key = (id(table), start, budget, max_steps, MAX_NODES)
-    hit = _TRIES.get(key)
-    if hit is not None and hit[0] is table:
+    """:func:`build_trie` for ``hole`` of a program whose token table is ``table``, with its paths' values:
+    cached in memory (per table content, start, budget, cap and value rule) and on disk (``cache_dir()/tries``,
+    the trie without its values), ``None`` cached too. Building one calls the table level by level (about a
+    second for a label choice on SmolLM2's vocabulary); a warm run finds it."""
+    key = f"{_digest(table)}-{start}-{budget}-{max_steps}-{MAX_NODES}"
+    mem_key = (key, id(tokenizer), repr(hole.value))
+    hit = _TRIES.get(mem_key)
+    if hit is not None and hit[0] is tokenizer:
         return hit[1]
-    trie = build_trie(table, start, budget, max_steps)
+    path = _trie_path(key)
+    found, trie = _load_trie(path)
+    if not found:
+        trie = build_trie(table, start, budget, max_steps)
+        _save_trie(path, trie)
     if trie is not None:
         trie = _with_values(trie, tokenizer, hole)
-    _TRIES[key] = (table, trie)
+    if len(_TRIES) > 256:
+        _TRIES.clear()
+    _TRIES[mem_key] = (tokenizer, trie)
     return trie
 
 
@@ -277,7 +375,7 @@ def traced_enumerates(run, hole: Hole) -> bool:
         return False
     budget = holes.budget(hole, run.strategy)
     trie = _run_trie(run, hole, start, budget)
-    return trie is not None and trie.fed.size * run.num <= MAX_ROWS
+    return trie is not None and trie.fed.size <= TRACED_MAX_FED and trie.fed.size * run.num <= MAX_ROWS
 
 
 def plan(run, state, s, j: int, seg: Hole, part):
@@ -319,8 +417,10 @@ def plan(run, state, s, j: int, seg: Hole, part):
 # ------------------------------------------------------------------------------------------------------
 
 
-def walk_hole(run, state, s, j: int, seg: Hole, part, pos_bound: int, check: bool, on_resample, pl: Plan):
-    """Generate hole ``seg`` by enumeration for every running particle (``engine._walk_hole``'s contract)."""
+def walk_hole(run, state, s, j: int, seg: Hole, part, pos_bound: int, check: bool, on_resample, pl: Plan,
+              token_loop):
+    """Generate hole ``seg`` by enumeration for every running particle (``engine._walk_hole``'s contract);
+    ``token_loop`` (``engine.token_loop``) continues the particles a pruned enumeration left inside the hole."""
     kern, num, trie = run.kern, run.num, pl.trie
     h = run.program.hole_index(seg.name)
     hp = pl.hp
@@ -332,27 +432,40 @@ def walk_hole(run, state, s, j: int, seg: Hole, part, pos_bound: int, check: boo
                          jnp.full((num,), h, jnp.int32), jnp.int32(s.prefix[-1]))
     fns = _functions(kern)
     rb = seg.name in rao_blackwell_holes(run.program)
+    # Traced kernels (MCMC moves, particle Gibbs, rejuvenation) keep one fixed proposal per site and may restart
+    # a chain inside the hole: they enumerate the whole trie.
+    prune = PRUNE if not run.kern.cfg.trace and part.on_chunk is None else 0.0
     info = run.enumerated.setdefault(seg.name, {"paths": int(trie.leaves.size), "values": len(trie.values),
                                                 "trie_nodes": trie.num_nodes, "rao_blackwellized": rb,
-                                                "lm_calls": 0, "lm_rows": 0})
+                                                "lm_calls": 0, "lm_rows": 0, "prune": prune, "token_loop": 0,
+                                                "frontier_mass": 0.0})
+    k_paths = int(trie.leaves.size)
     while True:
         p = state.particles
         done, cause, row, last, position = (np.asarray(a) for a in jax.device_get(
             (p.done, p.cause, p.row, p.last, p.position)))
         going = ~done & (cause == 0)
+        left = np.zeros(num, bool)
         if going.any():
             state = run.sync_data(state)  # tables are written by pre-resampling index (follow `origin`)
-            state, table, alive, calls, rows = _enumerate(run, fns, state, hp, trie, going, row, last, position)
+            state, table, alive, left, share, calls, rows = _enumerate(run, fns, state, hp, trie, going, row, last,
+                                                                       position, prune)
+            info["frontier_mass"] = max(info["frontier_mass"], share)
             info["lm_calls"] += calls
             info["lm_rows"] += rows
+            info["token_loop"] += int(left.sum())
             ess, res = table[1], table[2]
             run.ess.append((ess, res, 1))
-            probs = table[0]
+            probs = table[0][:, :k_paths]
             by_value = np.zeros((num, len(trie.values)))
             np.add.at(by_value.T, trie.value_of, probs.T)
             for i in np.flatnonzero(alive):
-                run.data[i] = {**run.data[i], TABLE_KEY: {**run.data[i].get(TABLE_KEY, {}),
-                                                          seg.name: (trie.values, by_value[i])}}
+                tables = {k: v for k, v in run.data[i].get(TABLE_KEY, {}).items() if k != seg.name}
+                if not left[i]:  # a frontier draw has no table: its own value stands for its conditional
+                    tables[seg.name] = (trie.values, by_value[i])
+                run.data[i] = {**run.data[i], TABLE_KEY: tables}
+        if left.any():
+            state = token_loop(run, state, s, j, seg, part, hp, pl.budget, on_resample)
         if run.progress is not None:
             run.progress(holes.Progress(seg.name, trie.max_len, pl.budget, 0))
         restarted = False
@@ -368,9 +481,18 @@ def walk_hole(run, state, s, j: int, seg: Hole, part, pos_bound: int, check: boo
     return state, pos_bound
 
 
-def _enumerate(run, fns, state, hp, trie: Trie, going, row, last, position):
+def _enumerate(run, fns, state, hp, trie: Trie, going, row, last, position, prune: float = 0.0):
     """One enumeration for the particles in ``going``: returns ``(state, (table [P, K], ess, resampled),
-    alive [P], LM calls, LM rows)``."""
+    alive [P], left [P], frontier share, LM calls, LM rows)``; ``left``: particles handed to the token loop inside
+    the hole; the largest share of a particle's ``M`` its frontier nodes hold.
+
+    ``prune > 0`` expands only the trie nodes whose probability (from the hole's start, given the class's
+    history) is at least ``prune`` times the likeliest node or path scored so far in the class; the others are
+    the *frontier*. A particle draws among the complete paths under expanded nodes and the frontier nodes, with
+    probabilities proportional to ``p(path)`` and ``p(node)``, and its weight is multiplied by their total ``M``.
+    A frontier draw continues token by token from its node (the token loop's masked proposal and weights), so
+    its weight estimates ``M`` times the node's completion mass: the estimate of ``Z`` stays unbiased and the
+    particles properly weighted; only the frontier's share of ``M`` has proposal variance."""
     num = run.num
     keys = np.stack([row, last, position], axis=1)[going]
     uniq, inv = np.unique(keys, axis=0, return_inverse=True)
@@ -391,10 +513,23 @@ def _enumerate(run, fns, state, hp, trie: Trie, going, row, last, position):
     for node in range(1, n_nodes):
         children[fed_of[parent[node]]].append(node)
     max_children = max(len(c) for c in children)
+    expanded = np.zeros((n_cls, f), bool)  # fed node q of class c was fed (its children scored)
+    scored = np.zeros((n_cls, n_nodes), bool)  # node_lp holds the node's log-probability
+    scored[:, 0] = True
+    log_cut = math.log(prune) if prune > 0 else -math.inf
     calls = rows = 0
     for d in np.unique(depth[fed]):
         level = fed[depth[fed] == d]
-        entries = [(c, q) for c in range(n_cls) for q in level]
+        take = scored[:, level]
+        if prune > 0 and d > 0:
+            lp = np.asarray(jax.device_get(node_lp), np.float64)[: n_cls * n_nodes].reshape(n_cls, n_nodes)
+            best = np.where(scored[:, 1:], lp[:, 1:], -np.inf).max(axis=1, initial=-np.inf)
+            take = take & (lp[:, level] >= best[:, None] + log_cut)
+        cs, qs = np.nonzero(take)
+        entries = list(zip(cs.tolist(), level[qs].tolist()))
+        for c, q in entries:
+            expanded[c, fed_of[q]] = True
+            scored[c, children[fed_of[q]]] = True
         e0 = 0
         for b in _blocks(len(entries)):
             blk = entries[e0 : e0 + b]
@@ -423,14 +558,22 @@ def _enumerate(run, fns, state, hp, trie: Trie, going, row, last, position):
                                         *map(to_device, (src, dst, tok, pos, lp_at, ch_local, ch_tok, ch_node)))
             calls += 1
             rows += b
+    # Candidates: the complete paths (K), then the fed nodes (F) as frontier nodes.
     leaf_parent = fed_of[parent[trie.leaves]].astype(np.int32)
-    state, table, alive, ess, res = run.call(
+    fed_parent = np.where(fed == 0, 0, fed_of[np.maximum(parent[fed], 0)]).astype(np.int32)
+    cand_tokens = np.concatenate([trie.path_tokens, trie.fed_tokens])
+    cand_nodes = np.concatenate([trie.path_nodes, trie.fed_nodes])
+    cand_len = np.concatenate([trie.path_len, depth[fed]]).astype(np.int32)
+    cand_node = np.concatenate([trie.leaves, fed]).astype(np.int32)
+    cand_from = np.concatenate([leaf_parent, fed_parent])  # the fed node whose scratch row the cache copies
+    exp_flat = _pad(expanded.reshape(-1), s_rows, False)
+    state, table, alive, left, share, ess, res = run.call(
         fns["finish"], run.consts, hp, state, scratch, node_lp, to_device(cls), to_device(np.asarray(going)),
-        to_device(trie.leaves.astype(np.int32)), to_device(leaf_parent), to_device(trie.path_tokens),
-        to_device(trie.path_nodes), to_device(trie.path_len), to_device(np.int32(n_nodes)),
-        to_device(np.int32(f)), to_device(np.int32(calls)), to_device(np.int32(rows)))
-    table, alive = (np.asarray(a) for a in jax.device_get((table, alive)))
-    return state, (table, ess, res), alive, calls, rows
+        to_device(exp_flat), to_device(cand_node), to_device(cand_from), to_device(cand_tokens),
+        to_device(cand_nodes), to_device(cand_len), to_device(np.int32(trie.leaves.size)),
+        to_device(np.int32(n_nodes)), to_device(np.int32(f)), to_device(np.int32(calls)), to_device(np.int32(rows)))
+    table, alive, left, share = (np.asarray(a) for a in jax.device_get((table, alive, left, share)))
+    return state, (table, ess, res), alive, left, float(share.max(initial=0.0)), calls, rows
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -467,39 +610,52 @@ def _functions(kern) -> dict:
         node_lp = node_lp.at[ch_node].set(base[ch_local] + logp[ch_local, ch_tok], mode="drop")
         return scratch, node_lp
 
-    def finish(consts, hp, state, scratch, node_lp, cls, going, leaves, leaf_parent, path_tokens, path_nodes,
-               path_len, n_nodes, n_fed, n_calls, n_rows):
-        """Per particle: the paths' log-probabilities, ``log Z = logsumexp``, a path drawn from the exact
-        conditional (or the replayed one), its tokens applied, its cache row copied from the scratch; then the
-        ESS check of the token loop. Returns ``(state, table [P, K], alive [P], ess [1, G], resampled [1, G])``."""
+    def finish(consts, hp, state, scratch, node_lp, cls, going, expanded, cand_node, cand_from, cand_tokens,
+               cand_nodes, cand_len, n_paths, n_nodes, n_fed, n_calls, n_rows):
+        """Per particle: the candidates' log-probabilities (complete paths under expanded nodes; frontier nodes:
+        fed nodes not expanded under an expanded parent), ``log M = logsumexp``, a candidate drawn in proportion
+        (or the one the recorded tokens follow), its tokens applied, its cache row copied from the scratch; then
+        the ESS check of the token loop. A drawn frontier node leaves its particle inside the hole (``left``).
+        Returns ``(state, table [P, K + F], alive [P], left [P], share [P], ess [1, G], resampled [1, G])``:
+        ``table`` the particle's conditional over the complete paths of its expanded part (zero for a frontier
+        draw; the first K columns), ``share`` the frontier nodes' share of ``M``."""
         TRACE_COUNTS["enum_finish"] += 1
         state = kern._compact(state)  # every particle in its own row i
         p = state.particles
         num = p.last.shape[0]
         rows = jnp.arange(num)
+        k_all = cand_node.shape[0]
         key, k_draw = jax.random.split(state.key)
         at = lambda nodes: node_lp[jnp.clip(cls[:, None] * n_nodes + nodes, 0, node_lp.shape[0] - 1)]  # noqa: E731
-        lps = at(leaves[None, :])  # [P, K]
+        grown = lambda fq: expanded[jnp.clip(cls[:, None] * n_fed + fq, 0, expanded.shape[0] - 1)]  # noqa: E731
+        is_path = jnp.arange(k_all)[None, :] < n_paths
+        own = jnp.arange(k_all) - n_paths  # a frontier candidate's fed index
+        ok = grown(cand_from[None, :]) & (is_path | ~grown(jnp.clip(own, 0, None)[None, :]) & (own > 0)[None, :])
+        lps = jnp.where(ok, at(cand_node[None, :]), NEG_INF)  # [P, K + F]
         log_total = jax.nn.logsumexp(lps, axis=1)
-        # Replay (particle Gibbs' reference, given sequences): the path that matches the recorded tokens.
-        width = path_tokens.shape[1]
+        # Replay (particle Gibbs' reference, given sequences): the candidate the recorded tokens go through.
+        width = cand_tokens.shape[1]
         ahead = p.tokens[rows[:, None], jnp.clip(p.length[:, None] + jnp.arange(width)[None, :], 0,
                                                  p.tokens.shape[1] - 1)]  # [P, L]
-        inside = jnp.arange(width)[None, None, :] < path_len[None, :, None]
-        match = jnp.all((ahead[:, None, :] == path_tokens[None]) | ~inside, axis=-1)  # [P, K]
+        inside = jnp.arange(width)[None, None, :] < cand_len[None, :, None]
+        match = jnp.all((ahead[:, None, :] == cand_tokens[None]) | ~inside, axis=-1) & ok  # [P, K + F]
         forced = p.length < p.force_len
         drawn = jax.random.categorical(k_draw, jnp.where(jnp.isfinite(lps), lps, NEG_INF), axis=1)
         k = jnp.where(forced, jnp.argmax(match, axis=1), drawn).astype(jnp.int32)
-        ok = jnp.where(forced, jnp.any(match, axis=1), True)
-        alive = going & (log_total > NEG_INF) & ok
+        hit = jnp.where(forced, jnp.any(match, axis=1), True)
+        alive = going & (log_total > NEG_INF) & hit
         died = going & ~alive
-        table = jnp.where(alive[:, None], jnp.exp(lps - jnp.where(alive, log_total, 0.0)[:, None]), 0.0)
-        # The drawn path's cache: its last fed node's scratch row (history, `last`, every token but the last).
-        src = cls * n_fed + leaf_parent[k]
+        left = alive & (k >= n_paths)
+        path_lps = jnp.where(is_path, lps, NEG_INF)
+        path_total = jax.nn.logsumexp(path_lps, axis=1)
+        keep = alive & ~left
+        table = jnp.where(keep[:, None], jnp.exp(path_lps - jnp.where(keep, path_total, 0.0)[:, None]), 0.0)
+        # The drawn candidate's cache: its last fed node's scratch row (history, `last`, every token but the last).
+        src = cls * n_fed + cand_from[k]
         dst = jnp.where(alive, rows, num)
         cache = jax.tree.map(lambda a, b: a.at[dst].set(b[jnp.clip(src, 0, b.shape[0] - 1)], mode="drop"),
                              state.cache, scratch)
-        tokens, nodes, length = path_tokens[k], path_nodes[k], path_len[k]
+        tokens, nodes, length = cand_tokens[k], cand_nodes[k], cand_len[k]
         inc0 = log_total if cfg.weighted else jnp.zeros_like(log_total)
         prev = jnp.zeros((num,), jnp.float32)
         cause = jnp.full_like(p.cause, int(Cause.DEAD))
@@ -517,7 +673,8 @@ def _functions(kern) -> dict:
         # here (weight changes are taken into account at the next hole's first step).
         g = cfg.groups
         ess = resampling.ess(p.log_weight.reshape(g, num // g))
-        return state, table, alive, ess[None], jnp.zeros((1, g), bool)
+        share = jnp.where(alive, -jnp.expm1(jnp.minimum(path_total - log_total, 0.0)), 0.0)  # the frontier's share of M
+        return state, table, alive, left, share, ess[None], jnp.zeros((1, g), bool)
 
     fns = {"init": DiskJit(init, "enum_init", key),
            "block": DiskJit(block, "enum_block", key, donate_argnames=("scratch", "node_lp")),
