@@ -256,7 +256,8 @@ def run_benchmark(args) -> dict:
         if not todo:
             continue
         strategy = strategy_of(family, budget, args.temperature)
-        opts = dict(lm=lm, strategy=strategy, seed=args.seed, max_tokens=args.max_tokens)
+        opts = dict(lm=lm, strategy=strategy, seed=args.seed, max_tokens=args.max_tokens,
+                    memory_limit=args.memory_limit)
         if family in BATCHED:  # every problem one group of one engine call: tokens and time shared out
             t0 = time.perf_counter()
             results = program.run_batch([inputs(problems[i]) for i in todo], **opts)
@@ -404,6 +405,8 @@ def parse_args(argv=None):
     ap.add_argument("--penalty", type=float, default=4.0, help="exact reward: log-reward of a wrong step")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--memory-limit", default=None, help="memory a batch may use beyond the model, e.g. 5G (fewer rows "
+                    "per engine call; default: what the machine has free when each call starts)")
     ap.add_argument("--out", default=str(HERE / "results" / "scaling.json"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "img" / "scaling.png"))
     ap.add_argument("--no-resume", dest="resume", action="store_false")
