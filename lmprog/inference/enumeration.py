@@ -434,12 +434,19 @@ def walk_hole(run, state, s, j: int, seg: Hole, part, pos_bound: int, check: boo
     rb = seg.name in rao_blackwell_holes(run.program)
     # Traced kernels (MCMC moves, particle Gibbs, rejuvenation) keep one fixed proposal per site and may restart
     # a chain inside the hole: they enumerate the whole trie.
-    prune = PRUNE if not run.kern.cfg.trace and part.on_chunk is None else 0.0
+    untraced = not run.kern.cfg.trace and part.on_chunk is None
+    prune = PRUNE if untraced else 0.0
     info = run.enumerated.setdefault(seg.name, {"paths": int(trie.leaves.size), "values": len(trie.values),
                                                 "trie_nodes": trie.num_nodes, "rao_blackwellized": rb,
                                                 "lm_calls": 0, "lm_rows": 0, "prune": prune, "token_loop": 0,
                                                 "frontier_mass": 0.0})
     k_paths = int(trie.leaves.size)
+    if untraced and kern.cfg.resampler is not None:  # SMC: resample on the weights the previous segments set
+        state, ess, res, gen = run.call(kern.resample_check, run.consts, hp, state)
+        run.note_genealogy(j, res, 1, gen)
+        run.ess.append((ess, res, 1))
+        if on_resample is not None and bool(np.asarray(res).any()):
+            state = on_resample(state, j, 0)
     while True:
         p = state.particles
         done, cause, row, last, position = (np.asarray(a) for a in jax.device_get(

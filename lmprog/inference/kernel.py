@@ -195,6 +195,7 @@ class Kernels:
         self.feed = jit(self._feed, "feed", static_argnames=("observe",), donate_argnames=("state",))
         self.begin_hole = jit(self._begin_hole, "begin_hole", donate_argnames=("state",))
         self.hole_chunk = jit(self._hole_chunk, "hole_chunk", donate_argnames=("state",))
+        self.resample_check = jit(self._resample_check, "resample_check", donate_argnames=("state",))
         self.add_log_weight = jit(self._add_log_weight, "add_log_weight", donate_argnames=("state",))
         self.refine_causes = jit(self._refine_causes, "refine_causes", donate_argnames=("state",))
         self.snapshot = jit(self._snapshot, "snapshot", donate_argnames=("state",))
@@ -806,8 +807,9 @@ class Kernels:
     # Resampling
     # ------------------------------------------------------------------------------------------------
 
-    def _maybe_resample(self, consts: Consts, hp: HoleParams, state: RunState, key):
-        """ESS per group; resample the groups whose ESS fell below the threshold.
+    def _maybe_resample(self, consts: Consts, hp: HoleParams, state: RunState, key, uneven_only: bool = False):
+        """ESS per group; resample the groups whose ESS fell below the threshold (``uneven_only``: and whose
+        weights are not all equal, so ``ess=1`` does not resample where nothing has weighed the particles).
 
         Resampling sets a group's log-weights to 0 and adds ``logsumexp(w) - log N`` to its ``log_z``, so
         ``log_z + logsumexp(log_weight) - log N`` (the log-evidence estimate) is unchanged by it: the
@@ -829,6 +831,8 @@ class Kernels:
         # No point resampling a group where every particle has finished the hole. Weight changes between
         # holes (observed text, host factors) are taken into account at the next check, after the next token.
         do = do & jnp.any(self.running(p, hp).reshape(g, n), axis=1)
+        if uneven_only:
+            do = do & (ess < n * (1.0 - 1e-5))
         resampler = resampling.get_resampler(cfg.resampler)
 
         def go(parts: Particles, log_z):
@@ -851,6 +855,27 @@ class Kernels:
         parts, log_z = lax.cond(jnp.any(do), go, lambda q, z: (q, z), state.particles, state.log_z)
         state = state._replace(particles=parts, log_z=log_z)
         return state, ess, do
+
+    def _resample_check(self, consts: Consts, hp: HoleParams, state: RunState):
+        """The token loop's resampling check, once, at the start of a hole that takes no decode step (an
+        enumerated hole: the weight changes since the last hole, observed text and host factors, are otherwise
+        seen only at the next token-loop step); groups whose weights are all equal do not resample. Returns ``(state, ess [1, G], resampled [1, G], genealogy)``
+        as one step of :meth:`_hole_chunk`."""
+        TRACE_COUNTS["resample_check"] += 1
+        key, k_res = jax.random.split(state.key)
+        state = state._replace(key=key)
+        record = GENEALOGY and self.cfg.resampler is not None
+        p = state.particles
+        origin, lw, length = p.origin, p.log_weight, p.length
+        if record:
+            state = state._replace(particles=p._replace(origin=jnp.arange(p.last.shape[0], dtype=jnp.int32)))
+        state, ess, did = self._maybe_resample(consts, hp, state, k_res, uneven_only=True)
+        gen = None
+        if record:
+            anc = state.particles.origin
+            state = state._replace(particles=state.particles._replace(origin=origin[anc]))
+            gen = (anc[None], lw[None], length[None])
+        return state, ess[None], did[None], gen
 
     # ------------------------------------------------------------------------------------------------
     # The token loop
