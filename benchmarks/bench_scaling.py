@@ -262,12 +262,13 @@ def run_benchmark(args) -> dict:
             t0 = time.perf_counter()
             results = program.run_batch([inputs(problems[i]) for i in todo], **opts)
             wall = time.perf_counter() - t0
-            st = results[0].stats
             per = lambda x: float(x) / len(todo)  # noqa: E731
-            comp = per(st.get("compile_s") or 0.0)
             for i, r in zip(todo, results):
+                # a row's share of its own engine call (rows that did not fit one call ran in several)
+                rows = int(r.stats.get("batch_rows") or 1)
                 data["runs"][run_key(args.reward, args.agg, family, budget, i)] = record(
-                    args, family, budget, i, problems[i], r, per(st.get("tokens", 0)), per(wall), comp, len(todo))
+                    args, family, budget, i, problems[i], r, float(r.stats.get("tokens", 0)) / rows, per(wall),
+                    float(r.stats.get("compile_s") or 0.0) / rows, rows)
             save_results(out, data)
         else:  # beam: one problem per run, saved as it ends
             for i in todo:
