@@ -21,8 +21,6 @@ classes canonically (by first token), exactly as :func:`compress_columns` does f
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import numpy as np
 from lmprog.compiler.bytedfa import gather_ranges
 from lmprog.compiler.counters import word_tracker
 from lmprog.compiler.regex_compile import MAX_TABLE_ENTRIES, RegexLimitError, limit_reason
-from lmprog.paths import cache_dir
+from lmprog.paths import cache_dir, save_npz
 
 _PAIR_BUDGET = 4_000_000  # (state, token) pairs processed at once
 #: Most int32 entries of the transformation table (distinct transformations x states of a chunk) held at once
@@ -101,15 +99,7 @@ _TUPLE_FIELDS = ("eos_ids",)
 
 
 def _save_vocab_info(path: Path, info: VocabInfo) -> None:
-    arrays = {f.name: np.asarray(getattr(info, f.name)) for f in fields(VocabInfo) if f.name != "fingerprint"}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache folder: build it again next time
-        pass
+    save_npz(path, {f.name: np.asarray(getattr(info, f.name)) for f in fields(VocabInfo) if f.name != "fingerprint"})
 
 
 def _load_vocab_info(path: Path, fingerprint: str) -> VocabInfo | None:

@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,7 +61,7 @@ from lmprog.inference.aot import DiskJit
 from lmprog.inference import holes, resampling
 from lmprog.inference.kernel import NEG_INF, TRACE_COUNTS
 from lmprog.inference.segments import Cause, Hole, Text
-from lmprog.paths import cache_dir
+from lmprog.paths import cache_dir, save_npz
 
 __all__ = ["MAX_NODES", "MAX_ROWS", "TABLE_KEY", "Trie", "build_trie", "plan", "rao_blackwell_holes",
            "walk_hole"]
@@ -284,15 +282,7 @@ def _load_trie(path: Path):
 
 
 def _save_trie(path: Path, trie) -> None:
-    arrays = {"none": np.zeros(0)} if trie is None else {f: getattr(trie, f) for f in Trie._fields if f != "values"}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache folder: build it again next time
-        pass
+    save_npz(path, {"none": np.zeros(0)} if trie is None else {f: getattr(trie, f) for f in Trie._fields if f != "values"})
 
 
 def trie_for(table, tokenizer, hole: Hole, start: int, budget: int, max_steps: int):
