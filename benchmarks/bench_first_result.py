@@ -50,7 +50,10 @@ def run_once(program: str, name: str) -> dict:
     env = CONFIGS[name]
     if name in FORGET_RECENT:
         shutil.rmtree(cache_dir() / "kernels" / "recent", ignore_errors=True)
-    e = {k: v for k, v in os.environ.items() if k not in ("LMPROG_NO_MODEL_CACHE", "LMPROG_NO_KERNEL_CACHE")}
+    # PYTHONDONTWRITEBYTECODE (set on some CI machines) would make every run compile lmprog's sources again
+    # (~0.3 s here); an installed lmprog has its bytecode, so it is dropped.
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("LMPROG_NO_MODEL_CACHE", "LMPROG_NO_KERNEL_CACHE", "PYTHONDONTWRITEBYTECODE")}
     e.update(env)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()

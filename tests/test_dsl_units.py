@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +219,28 @@ def test_constraint_regex_matching_is_linear():
     assert fullmatch("(a|a)*b", "a" * 40 + "b") is True
     assert fullmatch("é|x", "é") is True
     assert time.perf_counter() - start < 2
+
+
+def test_parser_tables_come_from_the_disk_cache_and_a_damaged_entry_is_rebuilt(tmp_path, monkeypatch):
+    from lmprog.dsl import syntax
+
+    monkeypatch.setenv("LMPROG_CACHE_DIR", str(tmp_path))
+    source = (Path(__file__).resolve().parents[1] / "examples" / "capital.lmp").read_text(encoding="utf-8")
+    syntax._lark.cache_clear()
+    try:
+        built = syntax._lark()
+        entries = list((tmp_path / "grammar").iterdir())
+        assert len(entries) == 1 and entries[0].stat().st_size > 0
+        syntax._lark.cache_clear()
+        loaded = syntax._lark()
+        assert loaded is not built
+        assert loaded.parse(source, start="start") == built.parse(source, start="start")
+        with pytest.raises(LmpError, match="unexpected indentation|expected"):
+            parse("  x = 1\n")  # the loaded parser keeps the postlexer's errors
+        entries[0].write_bytes(b"not a parser")
+        syntax._lark.cache_clear()
+        rebuilt = syntax._lark()
+        assert rebuilt.parse(source, start="start") == built.parse(source, start="start")
+        assert entries[0].read_bytes() != b"not a parser"
+    finally:
+        syntax._lark.cache_clear()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -710,10 +709,7 @@ def _save(path: Path, automaton: Automaton, hc: C.HoleCounters, pending: np.ndar
         arrays[f"table{k}"] = cum
     for k, mt in hc.mintok.items():
         arrays[f"mintok{k}"] = mt
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    paths.save_npz(path, arrays)
 
 
 def _load(path: Path):
@@ -786,10 +782,7 @@ def compile_hole(
     if hit is None:
         hit = _compile(plan, info, name, loc)
         if cache:
-            try:
-                _save(cache_dir() / f"{key}.npz", *hit)
-            except OSError:
-                pass
+            _save(cache_dir() / f"{key}.npz", *hit)
     if cache:
         if len(_MEMORY) > 512:
             _MEMORY.clear()

@@ -9,16 +9,20 @@ both are in :mod:`lmprog.dsl.parser`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
+import sys
 from importlib import resources
 from typing import Iterator, Optional
 
+import lark
 from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from lmprog.dsl.catalog import BUILTINS, CONSTRAINT_WORDS, KEYWORDS, STATEMENT_KEYWORDS
 from lmprog.dsl.errors import Diagnostic, LmpError, did_you_mean, one_of
 from lmprog.dsl.source import SourceFile
+from lmprog.paths import cache_dir, write_atomic
 
 #: Deepest nesting of the parse tree accepted (blocks and expressions); deeper input gets a clear error instead
 #: of exhausting Python's recursion limit in the later passes.
@@ -80,11 +84,26 @@ class _Indenter:
             yield Token.new_borrow_pos("_DEDENT", "", last) if last else Token("_DEDENT", "")
 
 
+_LARK_OPTIONS = dict(parser="lalr", lexer="contextual", start=["start", "expr_only"], propagate_positions=True,
+                     maybe_placeholders=True)
+
+
 @functools.lru_cache(maxsize=1)
 def _lark() -> Lark:
+    """The parser of ``grammar.lark``. Its LALR tables take ~0.1 s to build (a warm ``lmprog run`` takes a few
+    seconds), so they are kept on disk (``cache_dir()/grammar/``, ``Lark.save``), keyed by the grammar, the
+    options and the lark and Python versions; a missing or damaged entry is built again."""
     grammar = resources.files("lmprog").joinpath("grammar.lark").read_text(encoding="utf-8")
-    return Lark(grammar, parser="lalr", lexer="contextual", postlex=_Indenter(), start=["start", "expr_only"],
-                propagate_positions=True, maybe_placeholders=True)
+    key = repr((grammar, sorted(_LARK_OPTIONS.items()), lark.__version__, sys.version_info[:2]))
+    path = cache_dir() / "grammar" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lark"
+    try:
+        with open(path, "rb") as f:
+            return Lark.load(f)
+    except Exception:
+        pass
+    parser = Lark(grammar, postlex=_Indenter(), **_LARK_OPTIONS)
+    write_atomic(path, parser.save)
+    return parser
 
 
 # ---------------------------------------------------------------------------------------------- parse trees

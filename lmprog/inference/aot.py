@@ -34,7 +34,6 @@ import os
 import pickle
 import platform
 import sys
-import tempfile
 import weakref
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 from jax.experimental import serialize_executable
 
 from lmprog.backends.jax_setup import cache_dir
+from lmprog.paths import write_atomic
 from lmprog.inference import prefetch
 
 __all__ = ["DiskJit", "LOADS", "clear", "enabled"]
@@ -221,15 +221,8 @@ def _compile_afresh(lowered):
 
 
 def _write(path: Path, blob: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
+    if write_atomic(path, lambda f: f.write(blob)):
         _trim(path.parent)
-    except OSError:
-        pass
 
 
 def _trim(folder: Path) -> None:

@@ -23,13 +23,13 @@ import io
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import jax
 from jax.experimental import serialize_executable
 
 from lmprog.backends.jax_setup import cache_dir
+from lmprog.paths import write_atomic
 
 __all__ = ["remember", "start", "stop", "take", "used"]
 
@@ -121,12 +121,4 @@ def remember(tag: str) -> None:
     stop()
     if not _used:
         return
-    path = _index(tag)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_used[:MAX_FILES], f)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    write_atomic(_index(tag), lambda f: f.write(json.dumps(_used[:MAX_FILES]).encode()))
