@@ -226,11 +226,14 @@ def test_parser_tables_come_from_the_disk_cache_and_a_damaged_entry_is_rebuilt(t
 
     monkeypatch.setenv("LMPROG_CACHE_DIR", str(tmp_path))
     source = (Path(__file__).resolve().parents[1] / "examples" / "capital.lmp").read_text(encoding="utf-8")
+    stale = tmp_path / "grammar" / "0123.lark"  # an entry of an older grammar or lmprog
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
     syntax._lark.cache_clear()
     try:
         built = syntax._lark()
         entries = list((tmp_path / "grammar").iterdir())
-        assert len(entries) == 1 and entries[0].stat().st_size > 0
+        assert len(entries) == 1 and entries[0] != stale and entries[0].stat().st_size > 0
         syntax._lark.cache_clear()
         loaded = syntax._lark()
         assert loaded is not built

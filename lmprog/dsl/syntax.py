@@ -13,6 +13,7 @@ import hashlib
 import re
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Iterator, Optional
 
 import lark
@@ -92,9 +93,11 @@ _LARK_OPTIONS = dict(parser="lalr", lexer="contextual", start=["start", "expr_on
 def _lark() -> Lark:
     """The parser of ``grammar.lark``. Its LALR tables take ~0.1 s to build (a warm ``lmprog run`` takes a few
     seconds), so they are kept on disk (``cache_dir()/grammar/``, ``Lark.save``), keyed by the grammar, the
-    options and the lark and Python versions; a missing or damaged entry is built again."""
+    options, this module and the lark and Python versions; a missing or damaged entry is built again."""
     grammar = resources.files("lmprog").joinpath("grammar.lark").read_text(encoding="utf-8")
-    key = repr((grammar, sorted(_LARK_OPTIONS.items()), lark.__version__, sys.version_info[:2]))
+    # The entry pickles the postlexer (an _Indenter): this module's source is part of the key.
+    key = repr((grammar, sorted(_LARK_OPTIONS.items()), lark.__version__, sys.version_info[:2],
+                hashlib.sha256(Path(__file__).read_bytes()).hexdigest()))
     path = cache_dir() / "grammar" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.lark"
     try:
         with open(path, "rb") as f:
@@ -102,7 +105,10 @@ def _lark() -> Lark:
     except Exception:
         pass
     parser = Lark(grammar, postlex=_Indenter(), **_LARK_OPTIONS)
-    write_atomic(path, parser.save)
+    if write_atomic(path, parser.save):
+        for old in path.parent.glob("*.lark"):  # entries of other grammars or code: one is kept
+            if old != path:
+                old.unlink(missing_ok=True)
     return parser
 
 
