@@ -15,7 +15,8 @@ broadcast configuration's peak is its KV caches once (a resampling gather would 
 
 Reported per configuration: the prompt's tokens, peak RSS after loading, peak RSS of the whole run, the run's
 peak minus the loaded model's, wall seconds of the run (compilation included, persistent cache warm or not),
-and the particles' KV caches as allocated (own caches + prefix, from the engine's shapes).
+the particles' KV caches as allocated (own caches + prefix, from the engine's shapes), and the throughput of a
+second, compiled run in the same process (generated tokens over its wall time; the peak is read before it).
 
 ``--decode-step`` times one jitted decode step of the model alone (``LanguageModel.apply`` with one token per
 row, cache donated; best of 5 after a compiling call) for ``B`` rows after an ``S0``-token prompt with 48 own
@@ -77,9 +78,12 @@ def child(args) -> None:
     result = program.run({"prompt": prompt}, lm=lm, seed=0)
     wall = time.perf_counter() - t0
     peak = vm_hwm_kib()
+    t0 = time.perf_counter()
+    warm = program.run({"prompt": prompt}, lm=lm, seed=1)  # compiled: the run's own speed
+    warm_wall = time.perf_counter() - t0
     print(json.dumps(dict(mode=args.mode, prompt=args.prompt, particles=args.particles, loaded_kib=loaded,
-                          peak_kib=peak, wall_s=wall, values=sorted({str(s.values) for s in result.samples})[:3],
-                          **shapes)))
+                          peak_kib=peak, wall_s=wall, warm_wall_s=warm_wall, warm_tokens=int(warm.stats["tokens"]),
+                          values=sorted({str(s.values) for s in result.samples})[:3], **shapes)))
 
 
 def decode_step_ms(lm, batch: int, s0: int, shared: bool, own_len: int = 48, reps: int = 5) -> float:
@@ -160,15 +164,16 @@ def main() -> None:
     gib = lambda kib: f"{kib / 2**20:.2f}"  # noqa: E731
     table = Table(title=f"peak RSS, {args.particles} particles, {args.model}: prompt stored once vs broadcast")
     for col in ("mode", "shared prefix tokens", "peak RSS loaded GiB", "peak RSS run GiB", "run - loaded GiB",
-                "KV allocated MiB (own + prefix)", "wall s"):
+                "KV allocated MiB (own + prefix)", "wall s", "warm tokens/s"):
         table.add_column(col, justify="right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["mode"], str(r["prompt"]), "-", r["error"], "-", "-", "-")
+            table.add_row(r["mode"], str(r["prompt"]), "-", r["error"], "-", "-", "-", "-")
             continue
         kv = (r["own_bytes"] + r["prefix_bytes"]) / 2**20
         table.add_row(r["mode"], str(r["prefix_tokens"]), gib(r["loaded_kib"]), gib(r["peak_kib"]),
-                      gib(r["peak_kib"] - r["loaded_kib"]), f"{kv:.0f}", f"{r['wall_s']:.1f}")
+                      gib(r["peak_kib"] - r["loaded_kib"]), f"{kv:.0f}", f"{r['wall_s']:.1f}",
+                      f"{r['warm_tokens'] / r['warm_wall_s']:.0f}")
     console = Console(width=150)
     console.print(table)
     for mode in args.modes:

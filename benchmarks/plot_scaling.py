@@ -9,7 +9,10 @@ per particle count) and ``bench_prompt_memory.py --json --modes shared`` (``impo
 
 * ``scaling_particles.png``: peak RSS (GiB) and throughput (particles per second of wall time, lowering and
   engine, model load excluded) against particles, log-log;
-* ``scaling_prompt.png``: peak RSS against the shared prompt's length.
+* ``scaling_prompt.png``: peak RSS and throughput (generated tokens per second of a second, compiled run)
+  against the shared prompt's length.
+
+``--only particles`` / ``--only prompt`` draws one of the two.
 
 Figures are what this machine measured in this run; the script prints the rows it plotted. Needs matplotlib
 (``pip install matplotlib``; not a dependency of lmprog).
@@ -44,20 +47,25 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, nargs="+", default=[10, 250, 500, 1000])
     ap.add_argument("--prompt-particles", type=int, default=256)
     ap.add_argument("--out", default=str(HERE.parent / "docs" / "img"))
+    ap.add_argument("--only", choices=("particles", "prompt"), default=None)
     args = ap.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mem = _last_json([sys.executable, str(HERE / "bench_memory.py"), "--json", "--particles",
-                      *map(str, args.particles)])
-    pro = _last_json([sys.executable, str(HERE / "bench_prompt_memory.py"), "--json", "--modes", "shared",
-                      "--particles", str(args.prompt_particles), "--prompts", *map(str, args.prompts)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU"
+    if args.only != "prompt":
+        _plot_particles(plt, args, out, machine)
+    if args.only != "particles":
+        _plot_prompt(plt, args, out, machine)
 
+
+def _plot_particles(plt, args, out: Path, machine: str) -> None:
+    mem = _last_json([sys.executable, str(HERE / "bench_memory.py"), "--json", "--particles",
+                      *map(str, args.particles)])
     rows = [r for r in mem["rows"] if "peak_rss" in r]
     n = [r["particles"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -74,18 +82,29 @@ def main() -> None:
     fig.suptitle(f"lmprog, SmolLM2-135M, {machine}")
     fig.tight_layout()
     fig.savefig(out / "scaling_particles.png", dpi=110)
+    print(f"wrote {out / 'scaling_particles.png'}")
 
+
+def _plot_prompt(plt, args, out: Path, machine: str) -> None:
+    pro = _last_json([sys.executable, str(HERE / "bench_prompt_memory.py"), "--json", "--modes", "shared",
+                      "--particles", str(args.prompt_particles), "--prompts", *map(str, args.prompts)])
     prow = [r for r in pro["rows"] if "error" not in r]
-    fig, a = plt.subplots(figsize=(5, 4))
-    a.plot([r["prefix_tokens"] for r in prow], [r["peak_kib"] / 2**20 for r in prow], "o-")
-    a.set_xlabel("shared prompt tokens")
+    x = [r["prefix_tokens"] for r in prow]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(x, [r["peak_kib"] / 2**20 for r in prow], "o-")
     a.set_ylabel("peak RSS (GiB, model included)")
-    a.set_ylim(bottom=0)
-    a.set_title(f"{pro['particles']} particles, importance, short hole")
-    a.grid(True, alpha=0.3)
+    a.set_title(f"memory: {pro['particles']} particles, importance, short hole")
+    b.plot(x, [r["warm_tokens"] / r["warm_wall_s"] for r in prow], "o-")
+    b.set_ylabel("generated tokens / s (second run, wall)")
+    b.set_title("throughput")
+    for ax in (a, b):
+        ax.set_xlabel("shared prompt tokens")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"lmprog, SmolLM2-135M, {machine}")
     fig.tight_layout()
     fig.savefig(out / "scaling_prompt.png", dpi=110)
-    print(f"wrote {out / 'scaling_particles.png'} and {out / 'scaling_prompt.png'}")
+    print(f"wrote {out / 'scaling_prompt.png'}")
 
 
 if __name__ == "__main__":
