@@ -356,7 +356,7 @@ def plot(data: dict, png: Path, reward="exact", agg="product") -> None:
 
     meta = data["meta"]
     sets = [("all problems", summarize(data, reward, agg))]
-    if meta.get("subset") and meta.get("subset_from"):
+    if meta.get("subset") and meta.get("subset_from") and meta["subset"] < meta.get("problems", 0):
         sets.append((f"first {meta['subset']} problems (every budget)", subset_rows(data, meta["subset"], reward, agg)))
     fig, axes = plt.subplots(len(sets), 2, figsize=(11, 4.2 * len(sets)), squeeze=False)
     for row, (label, rows) in enumerate(sets):
