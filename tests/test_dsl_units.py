@@ -229,11 +229,14 @@ def test_parser_tables_come_from_the_disk_cache_and_a_damaged_entry_is_rebuilt(t
     stale = tmp_path / "grammar" / "0123.lark"  # an entry of an older grammar or lmprog
     stale.parent.mkdir()
     stale.write_bytes(b"old")
+    writing = tmp_path / "grammar" / ".tmp-another-process.lark"  # another process's entry being written
+    writing.write_bytes(b"half")
     syntax._lark.cache_clear()
     try:
         built = syntax._lark()
-        entries = list((tmp_path / "grammar").iterdir())
-        assert len(entries) == 1 and entries[0] != stale and entries[0].stat().st_size > 0
+        assert writing.read_bytes() == b"half" and not stale.exists()
+        entries = [p for p in (tmp_path / "grammar").iterdir() if p != writing]
+        assert len(entries) == 1 and entries[0].stat().st_size > 0
         syntax._lark.cache_clear()
         loaded = syntax._lark()
         assert loaded is not built

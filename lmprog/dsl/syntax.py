@@ -107,7 +107,7 @@ def _lark() -> Lark:
     parser = Lark(grammar, postlex=_Indenter(), **_LARK_OPTIONS)
     if write_atomic(path, parser.save):
         for old in path.parent.glob("*.lark"):  # entries of other grammars or code: one is kept
-            if old != path:
+            if old != path and not old.name.startswith(".tmp-"):  # not another process's entry being written
                 old.unlink(missing_ok=True)
     return parser
 
