@@ -1,4 +1,4 @@
-"""The ``lmprog`` command line: check, run, batch, models, generate, demo.
+"""The ``lmprog`` command line: check, run, batch, models, generate, demo, serve.
 
 Exit codes: 0 success, 2 bad input (program errors, bad arguments), 1 runtime failures. No command
 prints a Python traceback for a user error.
@@ -70,6 +70,42 @@ def _cmd_generate(args) -> int:
 
 def _cmd_demo(args) -> int:
     return _generate(args.model, DEMO_PROMPT, 40, 3, args.seed, 0.8, "continuation")
+
+
+def _cmd_serve(args) -> int:
+    from lmprog import server
+
+    path = server.socket_path()
+    if args.status or args.stop:
+        info = server.request(path, {"op": "stop" if args.stop else "ping"}) if path.exists() else None
+        if info is None:
+            print("no lmprog server is running for this installation and environment", file=sys.stderr)
+            return 1
+        if "error" in info:
+            print(f"lmprog: error: the lmprog server answered: {info['error']}", file=sys.stderr)
+            return 1
+        if args.stop:
+            print(f"lmprog server {info['pid']}: stopping" + (" after the command it is running" if info.get("busy")
+                                                             else ""))
+        else:
+            rss = f", {info['rss_bytes'] / 2**30:.2f} GiB resident" if info.get("rss_bytes") else ""
+            print(f"lmprog server {info['pid']} on {info['socket']}: up {info['uptime_s']:.0f} s, "
+                  f"{info['served']} commands served, {'busy' if info['busy'] else 'idle'}, "
+                  f"{info['models']} model{'s' if info['models'] != 1 else ''} loaded{rss}")
+        return 0
+    try:
+        if args.detach:
+            info = server.start_detached(args.idle_timeout)
+            print(f"lmprog server {info['pid']} running on {info['socket']} (log: {info['log']}); "
+                  "stop it with 'lmprog serve --stop'")
+            return 0
+        srv = server.Server(path, idle_timeout=args.idle_timeout)
+        srv.bind()
+    except server.ServeError as exc:
+        print(f"lmprog: error: {exc}", file=sys.stderr)
+        return 2
+    srv.serve_forever()
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- run / batch
@@ -736,6 +772,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("serve", help="keep a resident lmprog process that later run/batch/generate/demo commands "
+                                     "hand their work to (no imports, model loads or kernel loading per command)",
+                       description="Keep Python, JAX, the loaded models and the compiled kernels alive. While it "
+                                   "runs, 'lmprog run', 'batch', 'generate' and 'demo' in the same installation "
+                                   "and environment run in it (the same results, faster to start); a busy server "
+                                   "is bypassed. LMPROG_NO_SERVER=1 makes a command run in its own process.")
+    p.add_argument("--idle-timeout", dest="idle_timeout", type=_seconds, default=3600.0, metavar="SECONDS",
+                   help="stop after this long without a command (default 3600; 0: never)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--detach", action="store_true", help="run in the background and return once it answers")
+    what.add_argument("--status", action="store_true", help="say whether a server is running, and what it holds")
+    what.add_argument("--stop", action="store_true", help="stop the running server")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -769,6 +819,16 @@ def _seconds(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0 (0: no limit), got {text!r}")
     return value
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The ``lmprog`` executable: the command in a running ``lmprog serve`` when there is one for this
+    installation and environment (:mod:`lmprog.server`), else :func:`main` in this process."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from lmprog import server
+
+    code = server.forward(argv)
+    return main(argv) if code is None else code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -865,4 +925,4 @@ def _is_runtime_failure(exc: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
