@@ -29,8 +29,9 @@ One run of the program per (problem, strategy family, budget N), each a real run
 * ``pg``: ``particle_gibbs(iterations=4, particles=N/4)`` for N >= 8 (it needs 2 particles, one the
   reference): N particle passes of work; the answer is the majority of the 4 references.
 
-greedy, importance, smc and pg run all problems of a budget as the groups (rows) of one batch
-(``Program.run_batch``: tokens and time shared out per problem); beam, a single group, one problem per run.
+Every family runs all problems of a budget as the groups (rows) of one batch (``Program.run_batch``: tokens and
+time shared out per problem; beam rows are independent searches, each the search of a run of its own). Beam
+records made before beam could run as groups (``batch_rows`` 1) ran one problem per run.
 
 Budget: N; the table and plot put accuracy against the tokens the particles processed (``stats.tokens``:
 generated and per-particle forced text, the shared prompt excluded) and against wall time (``wall_s -
@@ -186,15 +187,11 @@ def work(args) -> list[tuple[str, int, int]]:
             out.append(("greedy", 1, count))
         if "importance" in fams:
             out.append(("importance", top, count))
-        alone = min(count, args.alone)  # beam runs one problem at a time: on fewer problems
+        alone = min(count, args.alone)  # beam: on at most --alone problems
         for b in order:
             out += [(f, b, alone if f == "beam" else count) for f in ("smc", "beam", "pg")
                     if f in fams and not (f == "pg" and b < 2 * PG_ITERATIONS)]
     return out
-
-
-#: Families whose rows of a batch run as groups of one engine call (``Program.run_batch``).
-BATCHED = ("greedy", "importance", "smc", "pg")
 
 
 def run_key(reward: str, agg: str, family: str, budget: int, problem: int) -> str:
@@ -258,27 +255,18 @@ def run_benchmark(args) -> dict:
         strategy = strategy_of(family, budget, args.temperature)
         opts = dict(lm=lm, strategy=strategy, seed=args.seed, max_tokens=args.max_tokens,
                     memory_limit=args.memory_limit)
-        if family in BATCHED:  # every problem one group of one engine call: tokens and time shared out
-            t0 = time.perf_counter()
-            results = program.run_batch([inputs(problems[i]) for i in todo], **opts)
-            wall = time.perf_counter() - t0
-            per = lambda x: float(x) / len(todo)  # noqa: E731
-            for i, r in zip(todo, results):
-                # a row's share of its own engine call (rows that did not fit one call ran in several)
-                rows = int(r.stats.get("batch_rows") or 1)
-                data["runs"][run_key(args.reward, args.agg, family, budget, i)] = record(
-                    args, family, budget, i, problems[i], r, float(r.stats.get("tokens", 0)) / rows, per(wall),
-                    float(r.stats.get("compile_s") or 0.0) / rows, rows)
-            save_results(out, data)
-        else:  # beam: one problem per run, saved as it ends
-            for i in todo:
-                t0 = time.perf_counter()
-                r = program.run(lm=lm, strategy=strategy, seed=args.seed + i, max_tokens=args.max_tokens,
-                                **inputs(problems[i]))
-                data["runs"][run_key(args.reward, args.agg, family, budget, i)] = record(
-                    args, family, budget, i, problems[i], r, float(r.stats.get("tokens", 0)),
-                    time.perf_counter() - t0, float(r.stats.get("compile_s") or 0.0), 1)
-                save_results(out, data)
+        # every problem one group of one engine call (more than fit one call: several), tokens and time shared out
+        t0 = time.perf_counter()
+        results = program.run_batch([inputs(problems[i]) for i in todo], **opts)
+        wall = time.perf_counter() - t0
+        per = lambda x: float(x) / len(todo)  # noqa: E731
+        for i, r in zip(todo, results):
+            # a row's share of its own engine call (rows that did not fit one call ran in several)
+            rows = int(r.stats.get("batch_rows") or 1)
+            data["runs"][run_key(args.reward, args.agg, family, budget, i)] = record(
+                args, family, budget, i, problems[i], r, float(r.stats.get("tokens", 0)) / rows, per(wall),
+                float(r.stats.get("compile_s") or 0.0) / rows, rows)
+        save_results(out, data)
         if args.verbose:
             acc = [data["runs"][run_key(args.reward, args.agg, family, budget, i)] for i in todo]
             print(f"{family:10s} N={budget:3d} on {len(todo):3d} problems: {sum(x['wall_s'] for x in acc):7.1f} s",

@@ -93,6 +93,24 @@ def test_rows_that_differ_in_structure_run_separately(lm, engine_calls):
     assert {v["x"] for v, _ in out[0].posterior} <= {"a", "b"}
 
 
+def test_beam_rows_are_groups_of_one_call_each_the_search_of_its_own_run(lm, engine_calls):
+    src = ('input who: str = "Q"\n"{who}: [x]\\n" where x matches r"[a-z]{1,3}"\n'
+           'factor -1.5 if x == "a" else 0.0\n"{who} again: [y]\\n" where y in ["a", "b", "ab"]\n')
+    prog = lmprog.compile(src, "t.lmp")
+    rows = [{"who": "Q"}, {"who": "Ab"}, {"who": "Q Q"}]
+    batched = prog.run_batch(rows, lm=lm, strategy="beam", particles=4)
+    assert engine_calls == [3]  # one call, a group of 4 beams per row
+    alone = [prog.run(row, lm=lm, strategy="beam", particles=4) for row in rows]
+    assert engine_calls == [3, 1, 1, 1]
+    for b, a in zip(batched, alone):
+        assert b.stats["batch_rows"] == 3 and len(b.samples) == 4
+        assert [s.text for s in b.samples] == [s.text for s in a.samples]
+        assert [s.values for s in b.samples] == [s.values for s in a.samples]
+        assert b.raw.scores.ravel() == pytest.approx(a.raw.scores.ravel(), abs=1e-4)
+    # the rows' searches differ (their prompts do), so a search that leaked across groups would show
+    assert len({tuple(s.text for s in r.samples) for r in batched}) == 3
+
+
 def test_single_group_strategies_run_row_by_row(lm, engine_calls):
     prog = lmprog.compile(PROGRAM, "t.lmp")
     out = prog.run_batch([{"who": "Q"}, {"who": "A"}], lm=lm, strategy="best_of", particles=8)

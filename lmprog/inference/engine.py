@@ -455,9 +455,10 @@ def setup(lm, program: SegmentProgram, strategy, cfg, groups: int, key, progress
     lw = np.full((num,), lw0, np.float32)
     sc = np.full((num,), prefix_lp, np.float32)
     cause = np.zeros((num,), np.int32)
-    if cfg.select == "beam":  # identical copies: only beam 0 is a real candidate at the start
-        lw[1:] = sc[1:] = -np.inf
-        cause[1:] = int(Cause.UNUSED)
+    if cfg.select == "beam":  # identical copies: only each group's beam 0 is a real candidate at the start
+        copies = np.arange(num) % (num // groups) != 0
+        lw[copies] = sc[copies] = -np.inf
+        cause[copies] = int(Cause.UNUSED)
     parts = parts._replace(log_weight=to_device(lw), score=to_device(sc), cause=to_device(cause),
                            lw_total=to_device(lw))
     state = RunState(

@@ -74,8 +74,8 @@ class KernelConfig:
             raise ValueError(f"unknown select rule {self.select!r}")
         if self.resampler is not None:
             resampling.get_resampler(self.resampler)
-        if self.select == "beam" and (self.resampler is not None or self.groups != 1):
-            raise ValueError("beam search has no resampling and a single group")
+        if self.select == "beam" and self.resampler is not None:
+            raise ValueError("beam search has no resampling")
         if self.lookahead and (self.select != "sample" or not self.weighted or self.trace or self.conditional):
             raise ValueError("lookahead needs properly weighted sampling without traced moves (importance, or smc "
                              "without rejuvenate)")
@@ -659,11 +659,14 @@ class Kernels:
         return state._replace(particles=p, cache=cache), p
 
     def _beam_step(self, params, consts: Consts, hp: HoleParams, state: RunState, key):
-        """One beam step: the ``P`` best of every live beam's allowed extensions and every finished beam,
-        by score (log target density). Beams are reordered (and the cache with them) every step."""
+        """One beam step, in every group (``G`` independent searches of ``B = P / G`` beams, rows ``g B ..
+        (g + 1) B - 1``): the ``B`` best of the group's live beams' allowed extensions and finished beams, by
+        score (log target density). Beams are reordered (and the cache with them) every step."""
         state = self._compact(state)
         p = state.particles
         num = p.last.shape[0]
+        groups = self.cfg.groups
+        width = num // groups
         z, cache = self._logits(params, consts, state)
         logp = jax.nn.log_softmax(z, axis=-1)
         ok = self._mask(consts, hp, p)
@@ -673,10 +676,14 @@ class Kernels:
         had_token = jnp.any(masked > NEG_INF, axis=-1)
         cand = jnp.where(active[:, None], p.score[:, None] + masked, NEG_INF)
         stay = jnp.where(~active & (p.cause == 0), p.score, NEG_INF)
-        top, idx = lax.top_k(jnp.concatenate([cand.reshape(-1), stay]), num)
-        is_stay = idx >= num * v
-        anc = jnp.where(is_stay, idx - num * v, idx // v).astype(jnp.int32)
-        tok = jnp.where(is_stay, 0, idx % v).astype(jnp.int32)
+        # per group: its beams' extensions (beam-major), then its beams staying as they are
+        pool = jnp.concatenate([cand.reshape(groups, width * v), stay.reshape(groups, width)], axis=1)
+        top, idx = lax.top_k(pool, width)  # [G, B], indices within the group's pool
+        is_stay = idx >= width * v
+        base = (jnp.arange(groups, dtype=jnp.int32) * width)[:, None]
+        anc = (base + jnp.where(is_stay, idx - width * v, idx // v)).astype(jnp.int32).reshape(num)
+        tok = jnp.where(is_stay, 0, idx % v).astype(jnp.int32).reshape(num)
+        top, is_stay = top.reshape(num), is_stay.reshape(num)
         expand = ~is_stay & (top > NEG_INF)
         dead = ~(top > NEG_INF)
         # Why a pick with score -inf is dead: its ancestor was already dead, or had no allowed token (DEAD,
