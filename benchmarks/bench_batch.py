@@ -1,7 +1,7 @@
 """Batch mode (``Program.run_batch`` / ``lmprog batch``) vs one run per row.
 
     python benchmarks/bench_batch.py [--model smollm2-135m] [--rows 8] [--particles 16] [--repeats 2]
-                                     [--parts inprocess cli] [--cold-cache]
+                                     [--parts inprocess cli] [--cold-cache] [--strategy beam]
 
 Runs a small program (one constrained hole, the row's input interpolated into the prompt) for ``--rows``
 rows, four ways:
@@ -66,9 +66,9 @@ def worker(mode: str, args) -> dict:
 
     def once():
         if mode == "batched":
-            out = prog.run_batch(rows, lm=lm, particles=args.particles, seed=0)
+            out = prog.run_batch(rows, lm=lm, particles=args.particles, seed=0, strategy=args.strategy)
             return out, out[0].stats.get("compile_s", 0.0)
-        out = [prog.run(row, lm=lm, particles=args.particles, seed=0) for row in rows]
+        out = [prog.run(row, lm=lm, particles=args.particles, seed=0, strategy=args.strategy) for row in rows]
         return out, sum(r.stats.get("compile_s", 0.0) for r in out)
 
     t = time.perf_counter()
@@ -108,7 +108,8 @@ def inprocess(args, tmp: Path) -> list[dict]:
     out = []
     for mode in ("batched", "separate"):
         cmd = [sys.executable, __file__, "--worker", mode, "--rows", str(args.rows), "--particles",
-               str(args.particles), "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else [])
+               str(args.particles), "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else []) \
+            + (["--strategy", args.strategy] if args.strategy else [])
         proc = subprocess.run(cmd, env=_env(_fresh_cache(args, tmp, mode)), capture_output=True, text=True,
                               check=True)
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -123,7 +124,8 @@ def cli(args, tmp: Path) -> list[dict]:
     rows = _rows(args.rows)
     rows_file = tmp / "rows.jsonl"
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    opts = ["--particles", str(args.particles), "--seed", "0"] + (["--model", args.model] if args.model else [])
+    opts = ["--particles", str(args.particles), "--seed", "0"] + (["--model", args.model] if args.model else []) \
+        + (["--strategy", args.strategy] if args.strategy else [])
     results = []
 
     env = _env(_fresh_cache(args, tmp, "cli-separate"))
@@ -153,6 +155,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--particles", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--strategy", default=None, help="instead of the program's smc, e.g. beam (--particles: its width)")
     ap.add_argument("--parts", nargs="+", choices=("inprocess", "cli"), default=["inprocess", "cli"])
     ap.add_argument("--cold-cache", action="store_true", help="a fresh, empty LMPROG_CACHE_DIR for every mode")
     ap.add_argument("--worker", choices=("batched", "separate"), help=argparse.SUPPRESS)
@@ -161,7 +164,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)))
         return
 
-    print(f"{args.rows} rows x {args.particles} particles; {platform.machine()}, {os.cpu_count()} CPUs; "
+    print(f"{args.strategy or 'smc'}: {args.rows} rows x {args.particles} particles; {platform.machine()}, {os.cpu_count()} CPUs; "
           f"{'fresh caches' if args.cold_cache else 'default caches'}; load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench_batch_") as d:
         tmp = Path(d)

@@ -114,11 +114,29 @@ def receive(sock: socket.socket) -> dict | None:
     return None if body is None else json.loads(body)
 
 
+@contextlib.contextmanager
+def _address(path: Path):
+    """The address to bind or connect ``path`` by: the path itself, or, when it is longer than a socket
+    address may be, the same file through a descriptor of its folder (``/proc/self/fd/N/name``, Linux)."""
+    if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
+        yield str(path)
+        return
+    if not os.path.isdir("/proc/self/fd"):
+        raise OSError(f"the path is longer than a Unix socket address may be ({SOCKET_PATH_MAX} bytes); "
+                      "set LMPROG_CACHE_DIR to a shorter folder")
+    fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 def _connect(path: Path, timeout: float | None = None) -> socket.socket | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(str(path))
+        with _address(path) as address:
+            sock.connect(address)
     except OSError:
         sock.close()
         return None
@@ -315,9 +333,12 @@ class Server:
 
     def bind(self) -> None:
         folder = self.path.parent
-        if len(str(self.path)) > SOCKET_PATH_MAX:
-            raise ServeError(f"the socket path {self.path} is longer than a Unix socket allows; "
-                             "set LMPROG_CACHE_DIR to a shorter folder")
+        try:
+            self._bind(folder)
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {self.path}: {exc.strerror or exc}") from None
+
+    def _bind(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         os.chmod(folder, 0o700)
         if self.path.exists() or self.path.is_symlink():
@@ -329,7 +350,11 @@ class Server:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            listener.bind(str(self.path))
+            with _address(self.path) as address:
+                listener.bind(address)
+        except OSError:
+            listener.close()
+            raise
         finally:
             os.umask(old)
         listener.listen(16)
@@ -571,10 +596,14 @@ def start_detached(idle_timeout: float, wait_s: float = 120.0) -> dict:
     if path.exists() and _listening(path):
         running = request(path, {"op": "ping"}, timeout=5.0) or {}
         raise ServeError(f"an lmprog server is already running for this installation (pid {running.get('pid', '?')})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
     log_path = path.with_suffix(".log")
-    with open(log_path, "ab") as log:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        log = open(log_path, "ab")  # noqa: SIM115 - closed below, once the child has it
+    except OSError as exc:
+        raise ServeError(f"cannot write the server's log {log_path}: {exc.strerror or exc}") from None
+    with log:
         proc = subprocess.Popen([sys.executable, "-m", "lmprog.cli", "serve", "--idle-timeout", f"{idle_timeout:g}"],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                                 env={k: v for k, v in os.environ.items() if k not in CLIENT_ONLY_ENV})

@@ -206,3 +206,14 @@ def test_the_client_imports_no_jax(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, LMPROG_CACHE_DIR=str(tmp_path)))
     assert out.returncode == 0 and out.stdout.split() == ["None", "False", "False"], out
+
+
+def test_a_server_that_cannot_listen_says_why(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = dict(os.environ, LMPROG_CACHE_DIR=str(blocker / "cache"))
+    for args in (["serve"], ["serve", "--detach"]):
+        out = subprocess.run([sys.executable, "-m", "lmprog.cli", *args], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert out.returncode == 2 and "lmprog: error: cannot" in out.stderr and "Not a directory" in out.stderr
+        assert "Traceback" not in out.stderr
