@@ -840,12 +840,24 @@ def main(argv: list[str] | None = None) -> int:
         print("lmprog: interrupted", file=sys.stderr)
         return 130
     except SystemExit as exc:  # never success: nothing in a command exits on purpose
+        if _stdout_went_away():  # rich's answer to a closed pipe (`lmprog run ... | head`): nothing to report
+            return 1
         print(f"lmprog: internal error: SystemExit({exc.code!r}) during the command", file=sys.stderr)
         return 1
     except Exception as exc:
         code, message = _failure(exc)
         print(message, file=sys.stderr)
         return code
+
+
+def _stdout_went_away() -> bool:
+    """Whether standard output now points at the null device: what rich does when the reader of its pipe has
+    gone (it then raises ``SystemExit(1)``)."""
+    try:
+        out, null = os.fstat(sys.stdout.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
 
 
 def _failure(exc: BaseException) -> tuple[int, str]:

@@ -249,12 +249,15 @@ def _relay(sock: socket.socket) -> int:
                     print("lmprog: the lmprog server stopped during the command (its log may say why); "
                           "run the command again, or with LMPROG_NO_SERVER=1 to run it here", file=sys.stderr)
                     return 1
-                if "out" in message:
-                    sys.stdout.write(message["out"])
-                    sys.stdout.flush()
-                elif "err" in message:
-                    sys.stderr.write(message["err"])
-                    sys.stderr.flush()
+                if "out" in message or "err" in message:
+                    stream = sys.stdout if "out" in message else sys.stderr
+                    try:
+                        stream.write(message.get("out", message.get("err")))
+                        stream.flush()
+                    except BrokenPipeError:  # `lmprog run ... | head`: the reader has gone; so does the command
+                        with contextlib.suppress(OSError):
+                            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+                        return 1
                 elif "exit" in message:
                     return int(message["exit"])
     except KeyboardInterrupt:

@@ -152,6 +152,19 @@ def test_ctrl_c_stops_the_command_not_the_server_and_a_busy_server_is_bypassed(r
     assert after.returncode == 0 and ping(env)["served"] == before + 2 and not ping(env)["busy"]
 
 
+@pytest.mark.parametrize("own_process", [True, False])
+def test_a_reader_that_goes_away_ends_the_command_quietly(running, own_process):
+    """``lmprog run ... | head``: the pipe is closed before the result is printed; exit 1, no message."""
+    d, env = running
+    proc = subprocess.Popen([sys.executable, "-m", "lmprog.cli", "run", "p.lmp", "--model", "tiny.gguf"], cwd=d,
+                            env=dict(env, **({"LMPROG_NO_SERVER": "1"} if own_process else {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 1
+    assert "internal error" not in err and "Traceback" not in err and "Exception" not in err, err
+
+
 def test_a_server_for_another_environment_is_not_used(running):
     d, env = running
     before = ping(env)["served"]
