@@ -839,6 +839,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # the user's Ctrl-C (also when the program's Python code raised it)
         print("lmprog: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmprog batch ... | head`: the reader has gone, and so does the command
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 1
     except SystemExit as exc:  # never success: nothing in a command exits on purpose
         if _stdout_went_away():  # rich's answer to a closed pipe (`lmprog run ... | head`): nothing to report
             return 1

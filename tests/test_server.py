@@ -153,10 +153,13 @@ def test_ctrl_c_stops_the_command_not_the_server_and_a_busy_server_is_bypassed(r
 
 
 @pytest.mark.parametrize("own_process", [True, False])
-def test_a_reader_that_goes_away_ends_the_command_quietly(running, own_process):
+@pytest.mark.parametrize("command", ["run", "batch"])
+def test_a_reader_that_goes_away_ends_the_command_quietly(running, own_process, command):
     """``lmprog run ... | head``: the pipe is closed before the result is printed; exit 1, no message."""
     d, env = running
-    proc = subprocess.Popen([sys.executable, "-m", "lmprog.cli", "run", "p.lmp", "--model", "tiny.gguf"], cwd=d,
+    (d / "rows.jsonl").write_text('{"who": "A"}\n{"who": "B"}\n')
+    args = ["run", "p.lmp"] if command == "run" else ["batch", "p.lmp", "rows.jsonl"]
+    proc = subprocess.Popen([sys.executable, "-m", "lmprog.cli", *args, "--model", "tiny.gguf"], cwd=d,
                             env=dict(env, **({"LMPROG_NO_SERVER": "1"} if own_process else {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()
