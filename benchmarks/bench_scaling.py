@@ -212,10 +212,13 @@ def save_results(path: Path, data: dict) -> None:
 
 
 def record(args, family: str, budget: int, i: int, prob: dict, result, tokens: float, wall: float,
-           compile_s: float, rows: int) -> dict:
-    """One problem's record: its answer(s), whether right, and its share of the run's tokens and wall time."""
+           compile_s: float, rows: int, cpu: float | None = None) -> dict:
+    """One problem's record: its answer(s), whether right, and its share of the run's tokens, wall time and CPU
+    time (this process's, all threads: unlike wall time, not stretched by other jobs that take the cores)."""
     rec = {"reward": args.reward, "agg": args.agg, "family": family, "budget": budget, "problem": i,
            "question": prob["question"], "tokens": tokens, "wall_s": wall, "compile_s": compile_s, "batch_rows": rows}
+    if cpu is not None:
+        rec["cpu_s"] = cpu
     if family == "importance":
         rec["particles"] = [{"answer": str(s.values["answer"]), "reward": float(s.values["score"]),
                              "log_weight": float(s.log_weight)}
@@ -256,16 +259,16 @@ def run_benchmark(args) -> dict:
         opts = dict(lm=lm, strategy=strategy, seed=args.seed, max_tokens=args.max_tokens,
                     memory_limit=args.memory_limit)
         # every problem one group of one engine call (more than fit one call: several), tokens and time shared out
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         results = program.run_batch([inputs(problems[i]) for i in todo], **opts)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         per = lambda x: float(x) / len(todo)  # noqa: E731
         for i, r in zip(todo, results):
             # a row's share of its own engine call (rows that did not fit one call ran in several)
             rows = int(r.stats.get("batch_rows") or 1)
             data["runs"][run_key(args.reward, args.agg, family, budget, i)] = record(
                 args, family, budget, i, problems[i], r, float(r.stats.get("tokens", 0)) / rows, per(wall),
-                float(r.stats.get("compile_s") or 0.0) / rows, rows)
+                float(r.stats.get("compile_s") or 0.0) / rows, rows, per(cpu))
         save_results(out, data)
         if args.verbose:
             acc = [data["runs"][run_key(args.reward, args.agg, family, budget, i)] for i in todo]

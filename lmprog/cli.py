@@ -99,7 +99,7 @@ def _cmd_serve(args) -> int:
             print(f"lmprog server {info['pid']} running on {info['socket']} (log: {info['log']}); "
                   "stop it with 'lmprog serve --stop'")
             return 0
-        srv = server.Server(path, idle_timeout=args.idle_timeout)
+        srv = server.Server(path, main, idle_timeout=args.idle_timeout)
         srv.bind()
     except server.ServeError as exc:
         print(f"lmprog: error: {exc}", file=sys.stderr)

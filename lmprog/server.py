@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 PROTOCOL = 1
 FORWARDED = ("run", "batch", "generate", "demo")
@@ -315,9 +316,11 @@ class RemoteStream(io.TextIOBase):
 
 
 class Server:
-    """Serves commands on ``path`` until stopped, or idle for ``idle_timeout`` seconds (0: never)."""
+    """Serves commands on ``path`` with ``command(argv) -> exit status`` until stopped, or idle for
+    ``idle_timeout`` seconds (0: never)."""
 
-    def __init__(self, path: Path, idle_timeout: float = 3600.0, log=None):
+    def __init__(self, path: Path, command: Callable[[list[str]], int], idle_timeout: float = 3600.0, log=None):
+        self.command = command  # the CLI's in-process entry point, ``lmprog.cli.main``
         self.path = path
         self.idle_timeout = idle_timeout
         self.log = log if log is not None else sys.stderr
@@ -327,7 +330,7 @@ class Server:
         self._cv = threading.Condition()
         self._busy = False
         self._stop = False
-        self._running = False  # a command is in cli.main: an interrupt may be delivered to the main thread
+        self._running = False  # a command is running: an interrupt may be delivered to the main thread
         self._client_interrupt = False
         self._last = time.monotonic()
         self._listener: socket.socket | None = None
@@ -496,10 +499,8 @@ class Server:
                 return
 
     def _execute(self, conn: socket.socket, message: dict) -> bool:
-        """Run one command as ``cli.main`` in this (the main) thread; True if the server's own terminal sent
+        """Run one command with :attr:`command` in this (the main) thread; True if the server's own terminal sent
         the interrupt (then the server stops after the command)."""
-        from lmprog import cli
-
         argv = [str(a) for a in message.get("argv", [])]
         t0 = time.perf_counter()
         lock = threading.Lock()
@@ -522,7 +523,7 @@ class Server:
                     self._running, self._client_interrupt = True, False
                 watcher.start()
                 try:
-                    code = cli.main(argv)
+                    code = self.command(argv)
                 except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
                     code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
                 finally:
