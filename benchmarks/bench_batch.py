@@ -90,7 +90,7 @@ def _top(record: dict):
 
 
 def _env(cache: str | None) -> dict:
-    env = dict(os.environ)
+    env = dict(os.environ, LMPROG_NO_SERVER="1")  # every command in its own process, even if `lmprog serve` runs
     if cache:
         env["LMPROG_CACHE_DIR"] = cache
     return env
