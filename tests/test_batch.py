@@ -111,6 +111,37 @@ def test_beam_rows_are_groups_of_one_call_each_the_search_of_its_own_run(lm, eng
     assert len({tuple(s.text for s in r.samples) for r in batched}) == 3
 
 
+def test_rows_are_planned_with_their_own_texts_and_a_call_that_does_not_fit_is_halved(lm, engine_calls):
+    """Rows' own prompt texts lengthen a call's caches beyond what one row's program needs: the rows per call
+    are planned on the program a call runs, and a call that still does not fit runs as two halves (never one
+    row at a time)."""
+    from lmprog.inference import batch, engine, memory
+    from lmprog.runner import _lower_row
+
+    src = 'infer smc(particles=64)\ninput who: str = "Q"\n"{who}: [x]\\n" where x in ["a", "b", "ab"]\n'
+    prog = lmprog.compile(src, "t.lmp")
+    rows = [{"who": "Q"}] + [{"who": "Hello there " * 6 + str(i)} for i in range(3)]
+    lows = [_lower_row(prog, lm, r, seed=1, strategy=None, particles=None, max_tokens=None, temperature=None,
+                       from_text=False, scorers={})[1].program for r in rows]
+    st = _lower_row(prog, lm, rows[0], seed=1, strategy=None, particles=None, max_tokens=None, temperature=None,
+                    from_text=False, scorers={})[2]
+
+    def need(programs):
+        c = batch.combine(programs, st.num_particles, [None] * len(programs))
+        return memory.plan(lm, c, st, len(programs), engine.layout(lm, c, st), engine.FEED_CHUNK, "1T").need
+
+    first_only, four, two = need([lows[0]] * 4), need(lows), need(lows[:2])
+    assert first_only < four and two < four  # the long rows' texts cost cache
+    limit = four - 1
+    assert batch._rows_that_fit(lm, lows, st, limit, 4) == 2  # planned on the rows' own call (was 4)
+    results = prog.run_batch(rows, lm=lm, seed=1, memory_limit=limit)
+    assert engine_calls == [2, 2]
+    for row, r in zip(rows, results):
+        post, _ = exact(lm, row["who"])
+        got = {v["x"]: p for v, p in r.posterior}
+        assert r.stats["batch_rows"] == 2 and 0.5 * sum(abs(got.get(k, 0.0) - post[k]) for k in post) < 0.2
+
+
 def test_single_group_strategies_run_row_by_row(lm, engine_calls):
     prog = lmprog.compile(PROGRAM, "t.lmp")
     out = prog.run_batch([{"who": "Q"}, {"who": "A"}], lm=lm, strategy="best_of", particles=8)

@@ -53,35 +53,48 @@ def run_rows(lm, rows: Sequence[tuple[Hashable, SegmentProgram]], strategy, *, s
     classes: dict[Hashable, list[int]] = {}
     for k, (key, _) in enumerate(rows):
         classes.setdefault(key, []).append(k)
+    def call(chunk: list[int], size: int) -> None:
+        if size == 1:
+            alone(chunk[0])
+            return
+        programs = [rows[k][1] for k in chunk]
+        programs += [programs[0]] * (size - len(chunk))  # same batch shape as the other calls: no new compile
+        try:
+            results = run_groups(lm, programs, strategy, seed=seed, progress=progress,
+                                 memory_limit=memory_limit)[:len(chunk)]
+        except memory.MemoryPlanError:  # this call's rows need more than the sample planned for: halves
+            half = -(-len(chunk) // 2)
+            for part in (chunk[:half], chunk[half:]):
+                if part:
+                    call(part, len(part))
+            return
+        except Exception:  # noqa: BLE001 - e.g. every particle of every row died: the rows run alone
+            results = [None] * len(chunk)
+        for k, res in zip(chunk, results):
+            out[k] = res
+
     for members in classes.values():
-        per = _rows_that_fit(lm, rows[members[0]][1], strategy, memory_limit,
+        per = _rows_that_fit(lm, [rows[k][1] for k in members], strategy, memory_limit,
                              min(len(members), max(1, int(max_batch_particles) // max(1, strategy.num_particles))))
         size = -(-len(members) // -(-len(members) // per))  # rows per call: as many calls as needed, all one size
         for c0 in range(0, len(members), size):
-            chunk = members[c0:c0 + size]
-            if size == 1:
-                alone(chunk[0])
-                continue
-            programs = [rows[k][1] for k in chunk]
-            programs += [programs[0]] * (size - len(chunk))  # same batch shape as the other calls: no new compile
-            try:
-                results = run_groups(lm, programs, strategy, seed=seed, progress=progress,
-                                     memory_limit=memory_limit)[:len(chunk)]
-            except Exception:  # noqa: BLE001 - e.g. every particle of every row died: the rows run alone
-                results = [None] * len(chunk)
-            for k, res in zip(chunk, results):
-                out[k] = res
+            call(members[c0:c0 + size], size)
     return out
 
 
-def _rows_that_fit(lm, program, strategy, memory_limit, upto: int) -> int:
-    """The most rows (``<= upto``) of ``program`` whose particles fit in one call (at least 1: a row alone gets
-    the pre-flight's own answer, waves or a clear error)."""
-    lay = engine.layout(lm, program, strategy)
+def _rows_that_fit(lm, programs: Sequence[SegmentProgram], strategy, memory_limit, upto: int) -> int:
+    """The most rows (``<= upto``) of ``programs`` (one structure) whose particles fit in one call, planned on
+    the program a call of the first ones runs (rows' own texts make its caches longer than one row's); at
+    least 1: a row alone gets the pre-flight's own answer, waves or a clear error. A later call whose rows need
+    more is split in halves when it runs."""
     rows = upto
     while rows > 1:
+        sample = list(programs[:rows])
+        sample += [sample[0]] * (rows - len(sample))
+        combined = combine(sample, strategy.num_particles, [None] * rows)
         try:
-            memory.plan(lm, program, strategy, rows, lay, engine.FEED_CHUNK, memory_limit)
+            memory.plan(lm, combined, strategy, rows, engine.layout(lm, combined, strategy), engine.FEED_CHUNK,
+                        memory_limit)
             return rows
         except memory.MemoryPlanError:
             rows = (rows + 1) // 2 if rows > 2 else 1
