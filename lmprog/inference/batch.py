@@ -53,6 +53,7 @@ def run_rows(lm, rows: Sequence[tuple[Hashable, SegmentProgram]], strategy, *, s
     classes: dict[Hashable, list[int]] = {}
     for k, (key, _) in enumerate(rows):
         classes.setdefault(key, []).append(k)
+
     def call(chunk: list[int], size: int) -> None:
         if size == 1:
             alone(chunk[0])
@@ -89,9 +90,7 @@ def _rows_that_fit(lm, programs: Sequence[SegmentProgram], strategy, memory_limi
     more is split in halves when it runs."""
     rows = upto
     while rows > 1:
-        sample = list(programs[:rows])
-        sample += [sample[0]] * (rows - len(sample))
-        combined = combine(sample, strategy.num_particles, [None] * rows)
+        combined = combine(list(programs[:rows]), strategy.num_particles, [None] * rows)  # rows <= len(programs)
         try:
             memory.plan(lm, combined, strategy, rows, engine.layout(lm, combined, strategy), engine.FEED_CHUNK,
                         memory_limit)
