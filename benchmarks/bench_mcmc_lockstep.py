@@ -1,11 +1,12 @@
 """MCMC suffix moves, lock step against rolling (issue 12 item 6): LM calls and time per MH step.
 
-    python benchmarks/bench_mcmc_lockstep.py [--part toy|model|both] [--chains 64] [--steps 4] [--model NAME]
+    python benchmarks/bench_mcmc_lockstep.py [--part toy|model|multi|all] [--chains 64] [--steps 4] [--model NAME]
 
 Lock step (``moves.ROLLING = False``): every chain makes one move per walk and the batch steps until the
 chain cut earliest has regenerated its suffix. Rolling (the default): every chain makes its ``steps`` moves
 one after another; a chain whose proposal is done is accepted or rejected between two decode steps and
-starts its next move while the others go on (``lmprog/inference/moves.py``).
+starts its next move while the others go on, wherever in the program its next cut is
+(``lmprog/inference/rolling.py``).
 
 Per scheme, after a warm-up run (compilation): the moves' LM calls (batched decode calls, the first
 execution excluded: ``extra["move_lm_calls"]``), LM calls per MH step (one MH step = one move of every
@@ -16,6 +17,8 @@ whole run's wall time.
 ``toy``: ``long_case`` of ``tests/test_mcmc_rolling.py`` (a hole of 1 to 8 letters then EOS), quick.
 ``model``: a 24-token lipogram hole (``matches [^eE]*``, ``tokens == 24``) on the default model (SmolLM2-135M),
 as in ``benchmarks/bench_mcmc.py``; about 0.3 s per batched LM call at 64 rows on a 2-core CPU.
+``multi``: two lipogram holes of up to 12 tokens each, ended by a newline, with prompt text between them, on
+the default model: moves cut in the first hole regenerate both holes and are fed the text between them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 LIPOGRAM = '''infer mcmc(steps=4, chains=64)
 "Write a sentence without the letter e: [text]" where text matches r"[^eE]*" and tokens(text) == 24
 return text
+'''
+
+TWO_HOLES = '''infer mcmc(steps=4, chains=64)
+"Two short sentences without the letter e.\\n1. [a]\\n2. [b]\\n"
+    where a matches r"[^eE\\n]*" and tokens(a) <= 12 and b matches r"[^eE\\n]*" and tokens(b) <= 12
+return a, b
 '''
 
 
@@ -89,18 +98,32 @@ def model(name: str | None, chains: int, steps: int) -> None:
                                              seed=seed).raw, chains, steps))
 
 
+def multi(name: str | None, chains: int, steps: int) -> None:
+    import lmprog
+    from lmprog.inference import MCMC
+    from lmprog.runner import get_model
+
+    prog = lmprog.compile(TWO_HOLES, "bench_mcmc_lockstep_multi.lmp")
+    lm = get_model(name or prog.default_model)
+    print(f"\n{lm.name}: two lipogram holes (<= 12 tokens each) around prompt text, {chains} chains, {steps} moves each")
+    _table(_measure(lambda k, seed: prog.run(lm=lm, strategy=MCMC(steps=k, chains=chains, burn_in=k - 1),
+                                             seed=seed).raw, chains, steps))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("toy", "model", "both"), default="both")
+    ap.add_argument("--part", choices=("toy", "model", "multi", "all"), default="all")
     ap.add_argument("--chains", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--toy-steps", type=int, default=20)
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
-    if args.part in ("toy", "both"):
+    if args.part in ("toy", "all"):
         toy(args.chains, args.toy_steps)
-    if args.part in ("model", "both"):
+    if args.part in ("model", "all"):
         model(args.model, args.chains, args.steps)
+    if args.part in ("multi", "all"):
+        multi(args.model, args.chains, args.steps)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Rolling suffix moves (issue 12 item 6): every chain makes its own ``steps`` moves, one after another, without
-waiting for the batch's slowest regeneration (:func:`lmprog.inference.moves.rolling_moves`).
+waiting for the batch's slowest regeneration, each chain at its own place in the program
+(:mod:`lmprog.inference.rolling`).
 
 Statistical tests and their failure rates (for a random seed; the seeds are fixed, so the suite is
 deterministic): chi-square goodness of fit at ``ALPHA = 1e-3`` against the exact posterior by enumeration
@@ -163,24 +164,48 @@ def test_lock_step_moves_stay_exact(long, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [rich_case, host_case])
-def test_rolling_with_sites_before_the_last_hole_keeps_the_posterior(case, monkeypatch):
-    """``ROLLING = "always"``: chains whose next cut is in an earlier hole or at a host step wait for the next
-    walk with that cut (host data restored on rejection). Started from exact posterior draws, the chains must
-    stay exact after 4 moves. By default such programs move in lock step (rolling would not be cheaper)."""
+def test_rolling_with_sites_before_the_last_hole_keeps_the_posterior(case):
+    """Chains whose next cut is in an earlier hole, at observed text or at a host step go back there while the
+    others go on elsewhere in the program (host data restored on rejection). Started from exact posterior
+    draws, the chains must stay exact after each of 4 moves (Bonferroni: 4 tests)."""
     lm, prog = case()
     probs = enumerate_program(lm, prog).probs()
     keys = list(probs)
     rng = np.random.default_rng(1)
     w = np.array([probs[k] for k in keys], np.float64)
     start = [keys[i] for i in rng.choice(len(keys), size=1000, p=w / w.sum())]
-    assert MCMC(steps=3, chains=4).run(lm, prog, key=jax.random.key(0), init=start[:4]).extra["walks"] == 3
-    monkeypatch.setattr(moves, "ROLLING", "always")
-    res = MCMC(steps=4, chains=1000, burn_in=3).run(lm, prog, key=jax.random.key(2), init=start)
-    assert res.extra["walks"] <= 4
-    finals = per_move_states(res)[-1]
-    assert finals != start
-    p = chi_square_pvalue(finals, probs)
-    assert p > ALPHA, f"chi-square p-value {p:.2e}"
+    res = MCMC(steps=4, chains=1000, burn_in=0).run(lm, prog, key=jax.random.key(2), init=start)
+    assert res.extra["walks"] == 1
+    states = per_move_states(res)
+    assert len(states) == 4 and states[-1] != start
+    for k, after in enumerate(states):
+        p = chi_square_pvalue(after, probs)
+        assert p > ALPHA / 4, f"after move {k + 1}: chi-square p-value {p:.2e}"
     if case is host_case:  # host data follows the kept states: the factor step stores the first letter of x
         for smp in res.samples:
             assert smp.data["first"] == smp.values["x"][:1]
+
+
+def test_rolling_chains_in_different_holes_take_fewer_lm_calls_than_lock_step(monkeypatch):
+    """64 chains, 8 moves each, on a two-hole program (``rich_case``: a hole of up to 5 tokens, observed text,
+    a hole of up to 3): in lock step every move step walks from the earliest cut (nearly always in the first
+    hole) to the end; rolling, a chain cut in the last hole regenerates only that while another regenerates
+    both, and the chains reaching the observed text are fed together (``rolling.FLUSH``)."""
+    lm, prog = rich_case()
+    kw = dict(steps=8, chains=64, burn_in=7)
+    lock = _lm_calls(lm, prog, False, monkeypatch, **kw)
+    roll = _lm_calls(lm, prog, True, monkeypatch, **kw)
+    assert lock["walks"] == 8 and roll["walks"] == 1
+    assert roll["calls"] < 0.9 * lock["calls"], (roll, lock)
+
+
+def test_rolling_costs_about_lock_step_where_every_move_is_about_as_long(monkeypatch):
+    """``host_case``: short holes (up to 5 and 2 tokens) around a host step and per-chain text. With 64 chains
+    nearly every lock step walk is as long as the program and so is nearly every chain's move: rolling gains
+    no decode steps there, and its waiting rule keeps the text feeds it adds to a few (at most 20 % more LM
+    calls than lock step)."""
+    lm, prog = host_case()
+    kw = dict(steps=8, chains=64, burn_in=7)
+    lock = _lm_calls(lm, prog, False, monkeypatch, **kw)
+    roll = _lm_calls(lm, prog, True, monkeypatch, **kw)
+    assert roll["calls"] <= 1.2 * lock["calls"], (roll, lock)

@@ -186,6 +186,9 @@ class Run:
     # segment -> [G] particles found newly dead at its end (those resampling replaced later included)
     killed: dict = field(default_factory=dict)
     placement: object = None  # particles over devices (lmprog.inference.sharding.Placement); None: one device
+    # [P] bool: host views show only these particles alive (None: all). Rolling MCMC moves run a segment's host
+    # callables for the chains that have reached it, while others are in the middle of other holes.
+    only: np.ndarray | None = None
 
     @property
     def num(self) -> int:
@@ -247,7 +250,7 @@ class Run:
                 }
                 for i in range(self.num)
             ],
-            alive=causes == 0,
+            alive=(causes == 0) if self.only is None else (causes == 0) & self.only,
             data=self.data,
             tokenizer=self.lm.tokenizer,
             holes={h.name: h for h in holes},
@@ -576,9 +579,7 @@ class Part:
     ``resume [P]`` (holes): continue inside this hole just before token ``resume_at[i]`` (an MCMC cut; the
     state there is in the particle's trace). ``pause``: particles idle once they have ``pause`` tokens of this
     hole (``None``: no pause). ``replay [P]``: these particles replay host data and host log-weights recorded
-    in their trace (particle Gibbs' reference). ``on_chunk(state, hp) -> (state, restarted)`` (holes): called
-    after every chunk of the token loop; it may move particles back into the hole (MCMC's rolling suffix
-    moves, :mod:`lmprog.inference.moves`), and says whether it did (the loop then goes on while any runs).
+    in their trace (particle Gibbs' reference).
     """
 
     running: np.ndarray
@@ -586,7 +587,6 @@ class Part:
     resume_at: np.ndarray | None = None
     pause: int | None = None
     replay: np.ndarray | None = None
-    on_chunk: Callable | None = None
 
     @property
     def everyone(self) -> bool:
@@ -724,12 +724,12 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
 def token_loop(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Part, hp, budget_: int, on_resample,
                steps_done: int = 0) -> RunState:
     """The device token loop of hole ``seg`` for the particles still running in it (``begin_hole`` done), one
-    chunk per call until none runs: host prefix checks, ``part.on_chunk``, genealogy, ESS rows, progress and
-    ``on_resample`` after each chunk. Enumeration continues here the particles it left inside the hole."""
+    chunk per call until none runs: host prefix checks, genealogy, ESS rows, progress and ``on_resample`` after
+    each chunk. Enumeration continues here the particles it left inside the hole."""
     num, kern = run.num, run.kern
-    since = 0  # steps since the last restart by part.on_chunk (the budget guard)
     # A predicate on every prefix (h.pred(X, prefix=true)) is a host call after every token.
     step_kern = kern if seg.prefix_check is None else get_kernels(run.lm, replace(kern.cfg, chunk=1))
+    steps_done0 = steps_done
     while True:
         state, ess_buf, res_buf, steps, active, gen = run.call(step_kern.hole_chunk, run.lm.params, run.consts, hp,
                                                                state)
@@ -741,14 +741,8 @@ def token_loop(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
             if not ok.all():
                 state = run.call(kern.add_log_weight, state, jnp.asarray(np.where(ok, 0.0, -np.inf), jnp.float32))
                 active = int(jnp.sum(Kernels.running(state.particles, hp)))
-        restarted = False
-        if part.on_chunk is not None:
-            state, restarted = part.on_chunk(state, hp)
-            if restarted:
-                active = jnp.sum(Kernels.running(state.particles, hp))
         steps, active = int(steps), int(active)
         steps_done += steps
-        since = 0 if restarted else since + steps
         run.note_genealogy(j, res_buf, steps, gen)
         run.ess.append((ess_buf, res_buf, steps))
         if run.progress is not None:
@@ -757,7 +751,7 @@ def token_loop(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
             state = on_resample(state, j, steps_done)
         if active == 0:
             break
-        if since > budget_ + s.slack + 1:  # pragma: no cover - the budget rule guarantees termination
+        if steps_done > steps_done0 + budget_ + s.slack + 1:  # pragma: no cover - the budget rule guarantees it
             raise RuntimeError(f"hole {seg.name!r} did not finish within its budget of {budget_} tokens")
     return state
 

@@ -422,9 +422,9 @@ def walk_hole(run, state, s, j: int, seg: Hole, part, pos_bound: int, check: boo
                          jnp.full((num,), h, jnp.int32), jnp.int32(s.prefix[-1]))
     fns = _functions(kern)
     rb = seg.name in rao_blackwell_holes(run.program)
-    # Traced kernels (MCMC moves, particle Gibbs, rejuvenation) keep one fixed proposal per site and may restart
+    # Traced kernels (MCMC moves, particle Gibbs, rejuvenation) keep one fixed proposal per site and may resume
     # a chain inside the hole: they enumerate the whole trie.
-    untraced = not run.kern.cfg.trace and part.on_chunk is None
+    untraced = not run.kern.cfg.trace
     prune = PRUNE if untraced else 0.0
     info = run.enumerated.setdefault(seg.name, {"paths": int(trie.leaves.size), "values": len(trie.values),
                                                 "trie_nodes": trie.num_nodes, "rao_blackwellized": rb,
@@ -437,39 +437,33 @@ def walk_hole(run, state, s, j: int, seg: Hole, part, pos_bound: int, check: boo
         run.ess.append((ess, res, 1))
         if on_resample is not None and bool(np.asarray(res).any()):
             state = on_resample(state, j, 0)
-    while True:
-        p = state.particles
-        done, cause, row, last, position = (np.asarray(a) for a in jax.device_get(
-            (p.done, p.cause, p.row, p.last, p.position)))
-        going = ~done & (cause == 0)
-        left = np.zeros(num, bool)
-        if going.any():
-            state = run.sync_data(state)  # tables are written by pre-resampling index (follow `origin`)
-            state, table, alive, left, share, calls, rows = _enumerate(run, fns, state, hp, trie, going, row, last,
-                                                                       position, prune)
-            info["frontier_mass"] = max(info["frontier_mass"], share)
-            info["lm_calls"] += calls
-            info["lm_rows"] += rows
-            info["token_loop"] += int(left.sum())
-            ess, res = table[1], table[2]
-            run.ess.append((ess, res, 1))
-            probs = table[0][:, :k_paths]
-            by_value = np.zeros((num, len(trie.values)))
-            np.add.at(by_value.T, trie.value_of, probs.T)
-            for i in np.flatnonzero(alive):
-                tables = {k: v for k, v in run.data[i].get(TABLE_KEY, {}).items() if k != seg.name}
-                if not left[i]:  # a frontier draw has no table: its own value stands for its conditional
-                    tables[seg.name] = (trie.values, by_value[i])
-                run.data[i] = {**run.data[i], TABLE_KEY: tables}
-        if left.any():
-            state = token_loop(run, state, s, j, seg, part, hp, pl.budget, on_resample)
-        if run.progress is not None:
-            run.progress(holes.Progress(seg.name, trie.max_len, pl.budget, 0))
-        restarted = False
-        if part.on_chunk is not None:
-            state, restarted = part.on_chunk(state, hp)
-        if not restarted:
-            break
+    p = state.particles
+    done, cause, row, last, position = (np.asarray(a) for a in jax.device_get(
+        (p.done, p.cause, p.row, p.last, p.position)))
+    going = ~done & (cause == 0)
+    left = np.zeros(num, bool)
+    if going.any():
+        state = run.sync_data(state)  # tables are written by pre-resampling index (follow `origin`)
+        state, table, alive, left, share, calls, rows = _enumerate(run, fns, state, hp, trie, going, row, last,
+                                                                   position, prune)
+        info["frontier_mass"] = max(info["frontier_mass"], share)
+        info["lm_calls"] += calls
+        info["lm_rows"] += rows
+        info["token_loop"] += int(left.sum())
+        ess, res = table[1], table[2]
+        run.ess.append((ess, res, 1))
+        probs = table[0][:, :k_paths]
+        by_value = np.zeros((num, len(trie.values)))
+        np.add.at(by_value.T, trie.value_of, probs.T)
+        for i in np.flatnonzero(alive):
+            tables = {k: v for k, v in run.data[i].get(TABLE_KEY, {}).items() if k != seg.name}
+            if not left[i]:  # a frontier draw has no table: its own value stands for its conditional
+                tables[seg.name] = (trie.values, by_value[i])
+            run.data[i] = {**run.data[i], TABLE_KEY: tables}
+    if left.any():
+        state = token_loop(run, state, s, j, seg, part, hp, pl.budget, on_resample)
+    if run.progress is not None:
+        run.progress(holes.Progress(seg.name, trie.max_len, pl.budget, 0))
     pos_bound += holes.room(seg, run.strategy, s.slack)
     if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
         state = run.call(kern.refine_causes, run.consts, hp, state)

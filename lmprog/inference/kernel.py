@@ -81,6 +81,13 @@ class KernelConfig:
                              "without rejuvenate)")
 
 
+def per_row(hp: HoleParams, rows) -> HoleParams:
+    """``hp``'s budgets for the particles ``rows`` (an index array): scalars stay, ``[P]`` budgets (particles in
+    different holes, :mod:`lmprog.inference.rolling`) are gathered."""
+    pick = lambda a: a if jnp.ndim(a) == 0 else a[rows]  # noqa: E731
+    return hp._replace(max_tokens=pick(hp.max_tokens), max_steps=pick(hp.max_steps))
+
+
 def _safe_max(x, axis=-1, keepdims=False):
     m = jnp.max(x, axis=axis, keepdims=keepdims)
     return jnp.where(jnp.isfinite(m), m, 0.0)
@@ -193,7 +200,10 @@ class Kernels:
 
         self.prefill = jit(self._prefill, "prefill")
         self.feed = jit(self._feed, "feed", static_argnames=("observe",), donate_argnames=("state",))
+        self.feed_some = jit(self._feed_some, "feed_some", static_argnames=("observe",), donate_argnames=("state",))
         self.begin_hole = jit(self._begin_hole, "begin_hole", donate_argnames=("state",))
+        self.hold = jit(self._hold, "hold", donate_argnames=("state",))
+        self.release = jit(self._release, "release", donate_argnames=("state",))
         self.hole_chunk = jit(self._hole_chunk, "hole_chunk", donate_argnames=("state",))
         self.resample_check = jit(self._resample_check, "resample_check", donate_argnames=("state",))
         self.add_log_weight = jit(self._add_log_weight, "add_log_weight", donate_argnames=("state",))
@@ -234,11 +244,8 @@ class Kernels:
         log-probability to the weight. Padded slots write junk cache entries past each row's end: they are
         overwritten before any query can attend to them."""
         TRACE_COUNTS["feed"] += 1
-        cfg = self.cfg
         p = state.particles
         num, t = tokens.shape
-        v = consts.table.vocab_size
-        x = jnp.concatenate([p.last[:, None], tokens[:, :-1]], axis=1)
         valid = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths[:, None]
         # Sharers of a row that write different tokens (or at different positions) get rows of their own first;
         # the others write the same entries into the row they share. Short blocks are told apart token by
@@ -249,7 +256,35 @@ class Kernels:
             same = jnp.all((tokens == tokens[:1]) | ~valid, axis=1) & (lengths == lengths[0])
             fed = (jnp.where(jnp.all(same), 0, jnp.arange(num, dtype=jnp.int32)),)
         state, p = self._unshare(state, (p.position, p.last, lengths) + fed)
-        logits, cache = self.lm.apply(params, state.cache, x, p.position, prefix=consts.prefix, rows=p.row)
+        p, cache, n_fed = self._feed_rows_of(params, consts, p, state.cache, tokens, lengths, observe, p.row)
+        return state._replace(particles=p, cache=cache, n_tokens=state.n_tokens + n_fed,
+                              n_forward=state.n_forward + 1)
+
+    def _feed_some(self, params, consts: Consts, state: RunState, idx, tokens, lengths, observe: bool):
+        """:meth:`_feed` for the particles ``idx [K]`` only (``tokens [K, T]``, ``lengths [K]``; ``idx >= P``
+        pads): the LM runs ``K`` rows, not ``P``. Rolling MCMC moves feed the few chains that reach a text
+        segment while the others are elsewhere in the program (:mod:`lmprog.inference.rolling`)."""
+        TRACE_COUNTS["feed_some"] += 1
+        state = self._compact(state)
+        p = state.particles
+        num = p.last.shape[0]
+        real = idx < num
+        sub = jax.tree.map(lambda a: a[jnp.minimum(idx, num - 1)], p)
+        sub, cache, n_fed = self._feed_rows_of(params, consts, sub, state.cache, tokens, jnp.where(real, lengths, 0),
+                                               observe, jnp.where(real, idx, num))
+        p = jax.tree.map(lambda a, b: a.at[idx].set(b, mode="drop"), p, sub)
+        return state._replace(particles=p, cache=cache, n_tokens=state.n_tokens + n_fed,
+                              n_forward=state.n_forward + 1)
+
+    def _feed_rows_of(self, params, consts: Consts, p: Particles, cache, tokens, lengths, observe: bool, rows):
+        """The feed itself: particles ``p`` (``[B]``, their histories in cache rows ``rows``; ``>=`` the cache's
+        batch: padding) take ``tokens[b, :lengths[b]]``. Returns ``(p, cache, tokens fed to live particles)``."""
+        cfg = self.cfg
+        num, t = tokens.shape
+        v = consts.table.vocab_size
+        x = jnp.concatenate([p.last[:, None], tokens[:, :-1]], axis=1)
+        valid = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths[:, None]
+        logits, cache = self.lm.apply(params, cache, x, p.position, prefix=consts.prefix, rows=rows)
         alive = p.cause == 0
         if observe:
             logp = jax.nn.log_softmax(logits[..., :v] / consts.temperature, axis=-1)
@@ -264,9 +299,9 @@ class Kernels:
             cause = jnp.where(died, int(Cause.OBSERVE), p.cause)
         else:
             score, log_weight, lw_total, cause = p.score, p.log_weight, p.lw_total, p.cause
-        rows = jnp.arange(num)[:, None]
+        at = jnp.arange(num)[:, None]
         slots = jnp.where(valid, p.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], p.tokens.shape[1])
-        buf = p.tokens.at[rows, slots].set(tokens, mode="drop")
+        buf = p.tokens.at[at, slots].set(tokens, mode="drop")
         last_idx = jnp.maximum(lengths - 1, 0)
         last = jnp.where(lengths > 0, jnp.take_along_axis(tokens, last_idx[:, None], axis=1)[:, 0], p.last)
         p = p._replace(
@@ -279,12 +314,7 @@ class Kernels:
             lw_total=lw_total,
             cause=cause,
         )
-        return state._replace(
-            particles=p,
-            cache=cache,
-            n_tokens=state.n_tokens + jnp.sum(jnp.where(alive, lengths, 0)),
-            n_forward=state.n_forward + 1,
-        )
+        return p, cache, jnp.sum(jnp.where(alive, lengths, 0))
 
     # ------------------------------------------------------------------------------------------------
     # Host log-weight increments (condition / factor)
@@ -311,14 +341,18 @@ class Kernels:
     # Holes
     # ------------------------------------------------------------------------------------------------
 
-    def _begin_hole(self, state: RunState, hp: HoleParams):
+    def _begin_hole(self, state: RunState, hp: HoleParams, rows=None):
+        """Particles with a start state (``hp.start >= 0``) and alive enter the hole; the others are done with it.
+        ``rows [P] bool``: only those particles begin (either way); the others are left exactly as they are."""
         TRACE_COUNTS["begin_hole"] += 1
         p = state.particles
         num, h = p.spans.shape[:2]
         enter = (hp.start >= 0) & (p.cause == 0)
+        mine = jnp.ones((num,), bool) if rows is None else rows
+        enter = enter & mine
         hole_idx = jnp.where(enter, hp.hole, h)  # h: out of range, dropped
         span = jnp.stack([p.length, p.length], axis=-1)
-        p = p._replace(
+        q = p._replace(
             auto=jnp.where(enter, hp.start, -1),
             counts=jnp.zeros_like(p.counts),
             hole=jnp.where(enter, hp.hole, -1),
@@ -326,14 +360,38 @@ class Kernels:
             done=~enter,
             spans=p.spans.at[jnp.arange(num), hole_idx].set(span, mode="drop"),
         )
-        return state._replace(particles=p)
+        if rows is not None:
+            q = q._replace(**{f: jnp.where(jnp.reshape(rows, (-1,) + (1,) * (getattr(p, f).ndim - 1)),
+                                           getattr(q, f), getattr(p, f))
+                              for f in ("auto", "counts", "hole", "n_hole", "done")})
+        return state._replace(particles=q)
+
+    @staticmethod
+    def _hold(state: RunState, rows):
+        """Particles ``rows`` stop generating (``done``) while another hole runs for other particles; returns
+        ``(state, held)``, their hole state, for :meth:`_release`."""
+        TRACE_COUNTS["hold"] += 1
+        p = state.particles
+        held = (p.auto, p.counts, p.hole, p.n_hole, p.done)
+        return state._replace(particles=p._replace(done=p.done | rows)), held
+
+    @staticmethod
+    def _release(state: RunState, held, rows):
+        """Particles ``rows`` get back the hole state :meth:`_hold` took."""
+        TRACE_COUNTS["release"] += 1
+        p = state.particles
+        auto, counts, hole, n_hole, done = held
+        return state._replace(particles=p._replace(
+            auto=jnp.where(rows, auto, p.auto), counts=jnp.where(rows[:, None], counts, p.counts),
+            hole=jnp.where(rows, hole, p.hole), n_hole=jnp.where(rows, n_hole, p.n_hole),
+            done=jnp.where(rows, done, p.done)))
 
     @staticmethod
     def _mask(consts: Consts, hp: HoleParams, p: Particles):
         """``[P, V]`` allowed tokens: exactly those after which the hole can still be completed within its
         budget (``TokenTable.mask``: automaton, terminator, counters, ``max_tokens``), under the hard cap."""
         ok = consts.table.mask(p.auto, p.counts, hp.max_tokens)
-        return ok & (p.n_hole < hp.max_steps)[:, None]  # (max_tokens, max_steps: scalars)
+        return ok & (p.n_hole < hp.max_steps)[:, None]  # (max_tokens, max_steps: scalars or [P])
 
     def _refine_causes(self, consts: Consts, hp: HoleParams, state: RunState):
         """Why the particles that died in the hole just run died. The token loop only marks them ``DEAD``
@@ -508,14 +566,15 @@ class Kernels:
                 logits, cache = self.lm.apply(params, cache, p.last[read][:, None], p.position[read],
                                               prefix=consts.prefix, rows=rows)
                 z = logits[:, 0, :v].astype(jnp.float32) / consts.temperature
-                ok = consts.table.mask(p.auto[read], p.counts[read], hp.max_tokens)
-                ok = ok & (p.n_hole[read] < hp.max_steps)[:, None]
+                hp_r = per_row(hp, read)
+                ok = consts.table.mask(p.auto[read], p.counts[read], hp_r.max_tokens)
+                ok = ok & (p.n_hole[read] < hp_r.max_steps)[:, None]
                 lse_all = jax.nn.logsumexp(z, axis=-1)
                 masked = jnp.where(ok, z, NEG_INF)
                 if cfg.lookahead:  # q ~ p psi over the allowed set: lse_masked becomes log Z_t (lookahead.py)
                     crow, live = (rows_all, active) if in_place else (p.row[read], ids < n_cls)
                     la_psi, la_calls, la_rows = lookahead.lookahead(
-                        self.lm, params, consts, hp, cache, crow, live, p.position[read], p.auto[read],
+                        self.lm, params, consts, hp_r, cache, crow, live, p.position[read], p.auto[read],
                         p.counts[read], p.n_hole[read], masked, cfg.lookahead)
                     masked = lookahead.twisted(masked, la_psi)
                     n_fwd, n_rows = n_fwd + la_calls, n_rows + la_rows

@@ -119,7 +119,8 @@ def lookahead(lm, params, consts, hp, cache, crow, live, position, auto, counts,
         scratch = lm.reorder(cache, crow[row])
         logits, _ = lm.apply(params, scratch, tok_f[f][:, None], position[row] + 1, prefix=consts.prefix)
         z = logits[:, 0, :v].astype(jnp.float32) / consts.temperature
-        ok = table.mask(nxt[f], cnt[f], hp.max_tokens) & (n_hole[row] + 1 < hp.max_steps)[:, None]
+        max_tokens, max_steps = (a if jnp.ndim(a) == 0 else a[row] for a in (hp.max_tokens, hp.max_steps))
+        ok = table.mask(nxt[f], cnt[f], max_tokens) & (n_hole[row] + 1 < max_steps)[:, None]
         lp = jax.nn.logsumexp(jnp.where(ok, z, NEG_INF), axis=-1) - jax.nn.logsumexp(z, axis=-1)
         return b0 + size, out.at[jnp.where(ids < n_pairs, f, total)].set(lp, mode="drop")
 

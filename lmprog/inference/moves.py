@@ -19,22 +19,13 @@ cache slots from there on; the current state's cache is kept aside and restored 
 cut (:class:`Cuts`, the walk's :class:`~lmprog.inference.engine.Control`).
 
 **Lock step** (:func:`suffix_moves`, SMC rejuvenation): every chain makes one move per walk, and the walk
-lasts as long as the longest regenerated suffix. **Rolling moves** (:func:`rolling_moves`, ``mcmc``): every
-chain makes exactly ``steps`` moves, one after another, each with its own cut. When the program ends with a
-hole, a chain whose proposal has reached the end of the program is accepted or rejected right away, between
-two chunks of that hole's token loop (``Part.on_chunk``); its next cut is drawn at once and, if it falls in
-that last hole, the chain moves back there and regenerates while the others go on. A cut before the last
-hole is kept for the next walk, which starts every waiting chain at its cut; once some chain waits, the
-others' moves wait too (the walk ends as in lock step: a run needs at least as many walks as any chain has
-cuts before the last hole, so rolling on would only lengthen them). When all sites are in the last hole (a
-prompt and one hole) the whole run is one walk, and its LM steps follow the longest *sum* of a chain's
-regenerated lengths instead of the sum over moves of the longest one.
+lasts as long as the longest regenerated suffix. ``mcmc`` rolls its chains instead
+(:mod:`lmprog.inference.rolling`: every chain at its own place in the program, each making its own ``steps``
+moves one after another, with the row copies :func:`exchange` and :func:`aside`).
 
-Exactness: the chain's moves are the moves above; only *when* each runs depends on the other chains, and the
-randomness of a run (the LM step's uniforms, host keys, the host generator's cut and accept draws) is fresh
-and independent of that schedule. A cut is never redrawn (a cut waiting for the next walk is used there), and
-the number of moves of every chain is fixed in advance (``steps``), so the recorded states, the chain's state
-after each of its moves, are those of an exact MH chain: no stopping rule depends on the state.
+Exactness of a move made by lock step or by rolling: the randomness of a run (the LM step's uniforms, host
+keys, the host generator's cut and accept draws) is fresh and independent of the schedule, and the number of
+moves of every chain is fixed in advance, so the recorded states are those of an exact MH chain.
 """
 
 from __future__ import annotations
@@ -53,18 +44,16 @@ from lmprog.inference.segments import Cause, Hole, Host, InferenceError
 from lmprog.inference.samples import InferenceResult
 from lmprog.inference.state import RunState
 
-__all__ = ["Chains", "Cuts", "MAX_INIT_TRIES", "MOVE_CHUNK", "ROLLING", "Recorder", "Replay", "Rolling", "Sites",
-           "exchange", "host_rng", "rolling_moves", "rolls", "set_replay", "start_chains", "suffix_moves"]
+__all__ = ["Cuts", "MAX_INIT_TRIES", "MOVE_CHUNK", "ROLLING", "Recorder", "Replay", "Sites", "aside", "exchange",
+           "host_rng", "set_replay", "start_chains", "suffix_moves"]
 
 #: Fresh proposals tried for a chain whose first execution died before giving up.
 MAX_INIT_TRIES = 50
-#: How ``mcmc`` moves its chains: ``True``, rolling (:func:`rolling_moves`) when every site is in the program's
-#: last hole (:func:`rolls`), else lock step; ``"always"``: rolling for every program (chains cut before the
-#: last hole wait for the next walk; exact, but no cheaper than lock step); ``False``: lock step (every chain
-#: one move per walk, :func:`suffix_moves`), for comparisons (tests, ``benchmarks/bench_mcmc_lockstep.py``).
-ROLLING: bool | str = True
-#: Decode steps per device call of rolling moves: a chain whose proposal ends inside a chunk idles until the
-#: chunk ends, and the host settles it (one sync of a few ``[P]`` arrays per chunk).
+#: How ``mcmc`` moves its chains: ``True``, rolling (:mod:`lmprog.inference.rolling`); ``False``: lock step (every
+#: chain one move per walk, :func:`suffix_moves`), for comparisons (tests, ``benchmarks/bench_mcmc_lockstep.py``).
+ROLLING: bool = True
+#: Decode steps per device call of rolling moves: a chain whose hole ends inside a chunk idles until the chunk
+#: ends, and the host moves it on (one sync of a few ``[P]`` arrays per chunk).
 MOVE_CHUNK = 1
 
 
@@ -277,158 +266,6 @@ def aside(kern: Kernels):
     out = jax.jit(fn, donate_argnums=(0,))
     _EXCHANGE[("aside", id(kern))] = (kern, out)
     return out
-
-
-class Rolling(Cuts):
-    """The walk of :func:`rolling_moves`: :class:`Cuts`, plus, in the program's last segment when it is a
-    hole, :meth:`Chains.settle` after every chunk of the token loop."""
-
-    def __init__(self, seg: np.ndarray, tok: np.ndarray, chains: "Chains"):
-        super().__init__(seg, tok)
-        self.chains = chains
-
-    def enter(self, run: Run, state: RunState, s: Setup, j: int) -> tuple[RunState, Part]:
-        state, part = super().enter(run, state, s, j)
-        if j == self.chains.last_hole:
-            part = replace(part, on_chunk=lambda st, hp: self.chains.settle(st, rolling=True))
-        return state, part
-
-
-class Chains:
-    """Host bookkeeping of :func:`rolling_moves`: per chain the moves left, whether a move is under way, the
-    current state's ``lw_total``, site count and hole spans, its host data, and a cut drawn but not yet run."""
-
-    def __init__(self, run: Run, s: Setup, rng: np.random.Generator, sites: Sites, steps: int, burn_in: int,
-                 rec: "Recorder"):
-        num = run.num
-        segs = run.program.segments
-        self.run, self.s, self.rng, self.sites, self.steps, self.burn_in, self.rec = run, s, rng, sites, steps, burn_in, rec
-        last = len(segs) - 1
-        self.last_hole = last if last >= s.first and type(segs[last]) is Hole else None
-        self.h_last = run.program.hole_index(segs[last].name) if self.last_hole is not None else -1
-        self.left = np.full((num,), int(steps), np.int64)
-        self.moving = np.zeros((num,), bool)
-        self.accepted = np.zeros((num,), np.int64)
-        self.lw = np.zeros((num,), np.float64)
-        self.n = np.zeros((num,), np.int64)
-        self.spans: np.ndarray | None = None
-        self.kept_data: list = [{} for _ in range(num)]
-        self.next_seg = np.full((num,), -1, np.int64)  # a cut drawn in a walk, run in the next (-1: none)
-        self.next_tok = np.full((num,), -1, np.int64)
-        self.saved: RunState | None = None
-        self.walks = 0
-
-    def walk(self, state: RunState) -> RunState:
-        """One walk: every chain with moves left starts one at its cut (drawn now, or kept from the last walk);
-        with a last hole, chains go on moving inside it until their next cut falls elsewhere or their moves
-        are done."""
-        run, end = self.run, len(self.run.program.segments)
-        state = run.sync_data(state)
-        spans, lw = (np.asarray(a) for a in jax.device_get((state.particles.spans, state.particles.lw_total)))
-        self.spans, self.lw, self.n = spans.copy(), lw.astype(np.float64), self.sites.count(spans)
-        idle = (self.left > 0) & (self.n == 0) & (self.next_seg < 0)
-        if idle.any():  # no site: every proposal is the state itself, every move a rejection
-            while idle.any():
-                self.left[idle] -= 1
-                state = self._record(state, idle)
-                idle &= self.left > 0
-        todo = self.left > 0
-        cuts = self.sites.choose(self.rng, spans, self.n, todo & (self.next_seg < 0))
-        seg = np.where(self.next_seg >= 0, self.next_seg, cuts.seg)
-        tok = np.where(self.next_seg >= 0, self.next_tok, cuts.tok)
-        seg = np.where(todo, seg, end + 1)
-        self.next_seg[:], self.next_tok[:] = -1, -1
-        self.moving = seg <= end
-        self.kept_data = [dict(d) for d in run.data]
-        state, self.saved = run.call(aside(run.kern), state)
-        state = engine.walk(run, state, self.s, Rolling(seg, tok, self), check=False)
-        state, _ = self.settle(state, rolling=False)
-        self.saved = None
-        self.walks += 1
-        return state
-
-    def settle(self, state: RunState, rolling: bool) -> tuple[RunState, bool]:
-        """Accept or reject every chain whose proposal is complete (``rolling``: done with the last hole; else
-        every moving chain, at the end of a walk); with ``rolling``, chains whose next cut falls in the last
-        hole move back there. Returns ``(state, whether any did)``."""
-        run, num = self.run, self.run.num
-        p = state.particles
-        done, cause, p_lw, p_spans = (np.asarray(a) for a in jax.device_get((p.done, p.cause, p.lw_total, p.spans)))
-        fin = self.moving & done if rolling else self.moving.copy()
-        if not fin.any():
-            return state, False
-        n_y = self.sites.count(p_spans)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            log_alpha = (p_lw.astype(np.float64) - self.lw) + np.log(self.n) - np.log(np.maximum(n_y, 1))
-        log_alpha = np.where((cause == 0) & np.isfinite(p_lw), log_alpha, -np.inf)
-        u = np.ones((num,))
-        u[fin] = self.rng.random(int(fin.sum()))
-        acc = fin & (np.log(np.maximum(u, 1e-300)) < log_alpha)
-        rej = fin & ~acc
-        self.accepted += acc
-        self.left[fin] -= 1
-        self.moving &= ~fin
-        self.lw[acc], self.n[acc], self.spans[acc] = p_lw[acc], n_y[acc], p_spans[acc]
-        for i in np.flatnonzero(rej):
-            run.data[i] = self.kept_data[i]
-        again = np.zeros((num,), bool)
-        tok = np.full((num,), -1, np.int64)
-        if rolling:  # the finished chains' next cuts: now (in the last hole) or in the next walk
-            nxt = fin & (self.left > 0)
-            cuts = self.sites.choose(self.rng, self.spans, self.n, nxt)
-            here = nxt & (cuts.seg == self.last_hole)
-            later = nxt & ~here & (cuts.seg <= len(run.program.segments))
-            # A chain waiting for the next walk idles until this one ends, and the walks a run needs are at least
-            # the most moves any chain cuts before the last hole: once a chain waits, moves in the last hole wait
-            # too (this walk ends as in lock step). Measured on tests/_inference_cases.py's rich_case and
-            # host_case, rolling on while some chain waits takes up to 50 % more LM calls; this rule, within 3 %
-            # of lock step.
-            if later.any() or (self.next_seg >= 0).any():
-                later, here = later | here, np.zeros_like(here)
-            again, tok = here, cuts.tok
-            self.next_seg[later], self.next_tok[later] = cuts.seg[later], cuts.tok[later]
-        state, self.saved = run.call(exchange(run.kern), state, self.saved, jnp.asarray(rej), jnp.asarray(again))
-        state = self._record(state, fin)
-        if not again.any():
-            return state, False
-        for i in np.flatnonzero(again):
-            self.kept_data[i] = dict(run.data[i])
-        self.moving |= again
-        state = run.call(run.kern.resume_hole, state, jnp.asarray(again), jnp.asarray(tok, jnp.int32),
-                         jnp.full((num,), self.h_last, jnp.int32), jnp.int32(self.s.prefix[-1]))
-        return state, True
-
-    def _record(self, state: RunState, rows: np.ndarray) -> RunState:
-        """Record the chains in ``rows`` whose last finished move is kept (past ``burn_in``)."""
-        keep = rows & (self.steps - self.left - 1 >= self.burn_in)
-        if keep.any():
-            state = self.rec.add_chains(self.run, state, np.flatnonzero(keep))
-        return state
-
-
-def rolls(run: Run, s: Setup) -> bool:
-    """Whether ``mcmc`` rolls its chains (:data:`ROLLING`): every site of the program is in its last segment,
-    a hole (no host step after the shared prefix, no other hole)."""
-    if ROLLING == "always":
-        return True
-    segs = run.program.segments
-    sites = Sites.of(run, s)
-    return bool(ROLLING) and len(sites.hosts) == 0 and list(sites.hole_segments) == [len(segs) - 1]
-
-
-def rolling_moves(run: Run, state: RunState, s: Setup, rng: np.random.Generator, sites: Sites, steps: int,
-                  burn_in: int, rec: "Recorder", progress=None) -> tuple[RunState, Chains]:
-    """``steps`` suffix MH moves for every chain, rolling (module docstring); the state after each move past
-    the first ``burn_in`` goes to ``rec`` (:meth:`Recorder.add_chains`). ``run``'s kernels must trace and must
-    not resample; their ``chunk`` is how often the host settles chains (:data:`MOVE_CHUNK`). Returns the state
-    and the :class:`Chains` (acceptances, walks)."""
-    chains = Chains(run, s, rng, sites, steps, burn_in, rec)
-    while (chains.left > 0).any():
-        state = chains.walk(state)
-        if progress is not None:
-            progress(engine.Progress("mcmc", int(steps - chains.left.max()), int(steps),
-                                     int(np.sum(chains.left > 0))))
-    return state, chains
 
 
 def host_rng(key) -> np.random.Generator:

@@ -22,6 +22,7 @@ import numpy as np
 from lmprog.inference import engine, moves
 from lmprog.inference.kernel import get_kernels
 from lmprog.inference.moves import Recorder, Sites, host_rng, set_replay, start_chains, suffix_moves
+from lmprog.inference.rolling import rolling_moves
 from lmprog.inference.segments import InferenceError
 from lmprog.inference.samples import InferenceResult, logsumexp
 from lmprog.inference.strategies.base import Strategy, implements
@@ -67,8 +68,8 @@ class MCMC(Strategy):
         cfg = replace(base.kernel_config(groups=1, chunk=chunk), trace=True)
         key, k_run = jax.random.split(key)
         run, state, s = engine.setup(lm, program, base, cfg, 1, k_run, None)
-        rolling = moves.rolls(run, s)
-        if rolling:  # chains are settled between chunks of the last hole: small chunks (moves.MOVE_CHUNK)
+        rolling = bool(moves.ROLLING)
+        if rolling:  # the host looks at the chains after every chunk of the token loop: small chunks
             run.kern = get_kernels(lm, replace(cfg, chunk=moves.MOVE_CHUNK))
         rng = host_rng(key)
         sites = Sites.of(run, s)
@@ -93,12 +94,12 @@ class MCMC(Strategy):
                     "move_s": time.perf_counter() - t0}
 
         if rolling:
-            state, ch = moves.rolling_moves(run, state, s, rng, sites, int(self.steps), int(self.burn_in), rec,
-                                            progress)
+            state, ch = rolling_moves(run, state, s, rng, sites, int(self.steps), int(self.burn_in), rec, progress)
             return rec.engine_result(run, s, state, self, groups, chains, {
                 "acceptance": (ch.accepted / int(self.steps)).reshape(groups, chains),
                 "move": "suffix",
-                "walks": ch.walks,
+                "walks": 1,
+                "move_chunks": ch.chunks,
                 **cost(state),
             })
         accepted = np.zeros((num,), np.int64)
