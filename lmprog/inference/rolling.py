@@ -16,7 +16,8 @@ segment ``at[i]`` of the program, either *inside* a hole (its token loop running
    cannot share (exact enumeration, a per-prefix host check) runs at once for the arrivals while the chains
    inside other holes are held (``Kernels.hold`` / ``release``). A chain reaching the end of the program is
    accepted or rejected (:meth:`Schedule.settle`), its state recorded, and its next cut drawn: it arrives there
-   next, which may be any segment. Arrivals repeat until every moving chain is inside a hole.
+   next, which may be any segment. Joining a hole and settling cost no LM call and run at once; a segment
+   that costs one waits until enough chains wait (:data:`FLUSH`) or none is left decoding.
 2. **One decode step** (``moves.MOVE_CHUNK``) for every chain inside a hole, whichever hole it is: hole
    parameters are per particle (``HoleParams.max_tokens`` / ``max_steps`` ``[P]``), automaton states global. A
    chain whose hole ended arrives at the next segment; one that died goes to the end (a rejection).
