@@ -21,7 +21,7 @@ from _inference_cases import (ALPHA, BOS, EOS, NL, SP, A, B, C, V, chi_square_pv
 from lmprog.backends.toy import ToyLM
 from lmprog.compiler.automaton import Automaton, stack_automata
 from lmprog.automata.values import ValueRule
-from lmprog.inference import Hole, SegmentProgram, Text, moves, run
+from lmprog.inference import Hole, SegmentProgram, Text, enumeration, moves, run
 from lmprog.inference.exact import enumerate_program
 from lmprog.inference.strategies import MCMC
 
@@ -184,6 +184,29 @@ def test_rolling_with_sites_before_the_last_hole_keeps_the_posterior(case):
     if case is host_case:  # host data follows the kept states: the factor step stores the first letter of x
         for smp in res.samples:
             assert smp.data["first"] == smp.values["x"][:1]
+
+
+@pytest.mark.parametrize("case, max_fed", [(rich_case, 20), (host_case, 10)])
+def test_a_hole_run_on_its_own_while_other_chains_decode_keeps_the_posterior(case, max_fed, monkeypatch):
+    """The last hole exactly enumerated (its trie is under ``TRACED_MAX_FED``), the first one not: chains arriving
+    at the last hole run it at once while the chains inside the first are parked (``Kernels.hold`` /
+    ``release``) and then go on. Started from exact draws, exact after each of 4 moves (Bonferroni: 4 tests)."""
+    monkeypatch.setattr(enumeration, "TRACED_MAX_FED", max_fed)
+    monkeypatch.setattr(enumeration, "MAX_ROWS", 1 << 20)
+    lm, prog = case()
+    probs = enumerate_program(lm, prog).probs()
+    keys = list(probs)
+    rng = np.random.default_rng(3)
+    w = np.array([probs[k] for k in keys], np.float64)
+    start = [keys[i] for i in rng.choice(len(keys), size=1000, p=w / w.sum())]
+    res = MCMC(steps=4, chains=1000, burn_in=0, enumerate=True).run(lm, prog, key=jax.random.key(4), init=start)
+    first, last = prog.holes[0].name, prog.holes[-1].name
+    assert last in res.stats["enumerated"] and first not in res.stats["enumerated"], res.stats["enumerated"]
+    states = per_move_states(res)
+    assert len(states) == 4 and states[-1] != start
+    for k, after in enumerate(states):
+        p = chi_square_pvalue(after, probs)
+        assert p > ALPHA / 4, f"after move {k + 1}: chi-square p-value {p:.2e}"
 
 
 def test_rolling_chains_in_different_holes_take_fewer_lm_calls_than_lock_step(monkeypatch):
