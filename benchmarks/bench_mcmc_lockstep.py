@@ -18,7 +18,8 @@ whole run's wall time.
 ``model``: a 24-token lipogram hole (``matches [^eE]*``, ``tokens == 24``) on the default model (SmolLM2-135M),
 as in ``benchmarks/bench_mcmc.py``; about 0.3 s per batched LM call at 64 rows on a 2-core CPU.
 ``multi``: two lipogram holes of up to 12 tokens each, ended by a newline, with prompt text between them, on
-the default model: moves cut in the first hole regenerate both holes and are fed the text between them.
+the default model: moves cut in the first hole regenerate both holes (the text between them is the first
+hole's terminator, generated in its token loop).
 """
 
 from __future__ import annotations
@@ -86,26 +87,16 @@ def toy(chains: int, steps: int) -> None:
                     chains, steps))
 
 
-def model(name: str | None, chains: int, steps: int) -> None:
+def program_part(src: str, filename: str, what: str, name: str | None, chains: int, steps: int) -> None:
+    """Lock step against rolling on the ``.lmp`` program ``src``, run with ``MCMC(steps, chains)`` whatever its ``infer``
+    line says."""
     import lmprog
     from lmprog.inference import MCMC
     from lmprog.runner import get_model
 
-    prog = lmprog.compile(LIPOGRAM, "bench_mcmc_lockstep.lmp")
+    prog = lmprog.compile(src, filename)
     lm = get_model(name or prog.default_model)
-    print(f"\n{lm.name}: 24-token lipogram hole, {chains} chains, {steps} moves each")
-    _table(_measure(lambda k, seed: prog.run(lm=lm, strategy=MCMC(steps=k, chains=chains, burn_in=k - 1),
-                                             seed=seed).raw, chains, steps))
-
-
-def multi(name: str | None, chains: int, steps: int) -> None:
-    import lmprog
-    from lmprog.inference import MCMC
-    from lmprog.runner import get_model
-
-    prog = lmprog.compile(TWO_HOLES, "bench_mcmc_lockstep_multi.lmp")
-    lm = get_model(name or prog.default_model)
-    print(f"\n{lm.name}: two lipogram holes (<= 12 tokens each) around prompt text, {chains} chains, {steps} moves each")
+    print(f"\n{lm.name}: {what}, {chains} chains, {steps} moves each")
     _table(_measure(lambda k, seed: prog.run(lm=lm, strategy=MCMC(steps=k, chains=chains, burn_in=k - 1),
                                              seed=seed).raw, chains, steps))
 
@@ -121,9 +112,11 @@ def main() -> None:
     if args.part in ("toy", "all"):
         toy(args.chains, args.toy_steps)
     if args.part in ("model", "all"):
-        model(args.model, args.chains, args.steps)
+        program_part(LIPOGRAM, "bench_mcmc_lockstep.lmp", "24-token lipogram hole", args.model, args.chains,
+                     args.steps)
     if args.part in ("multi", "all"):
-        multi(args.model, args.chains, args.steps)
+        program_part(TWO_HOLES, "bench_mcmc_lockstep_multi.lmp", "two lipogram holes (<= 12 tokens each) around "
+                     "prompt text", args.model, args.chains, args.steps)
 
 
 if __name__ == "__main__":

@@ -105,15 +105,29 @@ def test_rolling_chains_with_unequal_moves_reach_the_posterior(long):
     assert p_len > ALPHA, f"lengths: chi-square p-value {p_len:.2e}"
 
 
+def exact_draws(probs: dict, n: int, seed: int) -> list:
+    """``n`` i.i.d. draws from the exact posterior ``probs`` (chains started at stationarity)."""
+    keys = list(probs)
+    w = np.array([probs[k] for k in keys], np.float64)
+    return [keys[i] for i in np.random.default_rng(seed).choice(len(keys), size=n, p=w / w.sum())]
+
+
+def assert_exact_after_each_move(res, probs: dict, start: list, moves: int) -> None:
+    """Chains started from exact draws: after each of their ``moves`` moves the states fit ``probs`` (chi-square
+    at ``ALPHA / moves``, Bonferroni), and they did move."""
+    states = per_move_states(res)
+    assert len(states) == moves and states[-1] != start
+    for k, after in enumerate(states):
+        p = chi_square_pvalue(after, probs)
+        assert p > ALPHA / moves, f"after move {k + 1}: chi-square p-value {p:.2e}"
+
+
 def test_every_recorded_move_of_rolling_chains_keeps_the_posterior(long):
     """Chains started from exact posterior draws stay exact after *each* of their moves, although the moves of
     different chains end at different LM steps (a record taken at a fixed LM step would favour states whose
     moves are quick). Each of the 6 moves is tested on full sequences and on lengths (Bonferroni: 12 tests)."""
     lm, prog, probs = long
-    keys = list(probs)
-    rng = np.random.default_rng(3)
-    w = np.array([probs[k] for k in keys], np.float64)
-    start = [keys[i] for i in rng.choice(len(keys), size=1000, p=w / w.sum())]
+    start = exact_draws(probs, 1000, seed=3)
     res = MCMC(steps=6, chains=1000, burn_in=0).run(lm, prog, key=jax.random.key(8), init=start)
     states = per_move_states(res)
     assert len(states) == 6 and states[-1] != start
@@ -170,17 +184,10 @@ def test_rolling_with_sites_before_the_last_hole_keeps_the_posterior(case):
     draws, the chains must stay exact after each of 4 moves (Bonferroni: 4 tests)."""
     lm, prog = case()
     probs = enumerate_program(lm, prog).probs()
-    keys = list(probs)
-    rng = np.random.default_rng(1)
-    w = np.array([probs[k] for k in keys], np.float64)
-    start = [keys[i] for i in rng.choice(len(keys), size=1000, p=w / w.sum())]
+    start = exact_draws(probs, 1000, seed=1)
     res = MCMC(steps=4, chains=1000, burn_in=0).run(lm, prog, key=jax.random.key(2), init=start)
     assert res.extra["walks"] == 1
-    states = per_move_states(res)
-    assert len(states) == 4 and states[-1] != start
-    for k, after in enumerate(states):
-        p = chi_square_pvalue(after, probs)
-        assert p > ALPHA / 4, f"after move {k + 1}: chi-square p-value {p:.2e}"
+    assert_exact_after_each_move(res, probs, start, moves=4)
     if case is host_case:  # host data follows the kept states: the factor step stores the first letter of x
         for smp in res.samples:
             assert smp.data["first"] == smp.values["x"][:1]
@@ -195,18 +202,11 @@ def test_a_hole_run_on_its_own_while_other_chains_decode_keeps_the_posterior(cas
     monkeypatch.setattr(enumeration, "MAX_ROWS", 1 << 20)
     lm, prog = case()
     probs = enumerate_program(lm, prog).probs()
-    keys = list(probs)
-    rng = np.random.default_rng(3)
-    w = np.array([probs[k] for k in keys], np.float64)
-    start = [keys[i] for i in rng.choice(len(keys), size=1000, p=w / w.sum())]
+    start = exact_draws(probs, 1000, seed=3)
     res = MCMC(steps=4, chains=1000, burn_in=0, enumerate=True).run(lm, prog, key=jax.random.key(4), init=start)
     first, last = prog.holes[0].name, prog.holes[-1].name
     assert last in res.stats["enumerated"] and first not in res.stats["enumerated"], res.stats["enumerated"]
-    states = per_move_states(res)
-    assert len(states) == 4 and states[-1] != start
-    for k, after in enumerate(states):
-        p = chi_square_pvalue(after, probs)
-        assert p > ALPHA / 4, f"after move {k + 1}: chi-square p-value {p:.2e}"
+    assert_exact_after_each_move(res, probs, start, moves=4)
 
 
 def test_rolling_chains_in_different_holes_take_fewer_lm_calls_than_lock_step(monkeypatch):

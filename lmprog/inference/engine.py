@@ -712,7 +712,7 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
     if part.resume is not None and part.resume.any():
         state = run.call(kern.resume_hole, state, jnp.asarray(part.resume), jnp.asarray(part.resume_at, jnp.int32),
                          jnp.full((num,), h, jnp.int32), jnp.int32(s.prefix[-1]))
-    state = token_loop(run, state, s, j, seg, part, hp, budget_, on_resample)
+    state = token_loop(run, state, s, j, seg, hp, budget_, on_resample)
     pos_bound += _room(seg, run.strategy, s.slack)  # the slots setup reserved for the hole
     if np.any(np.asarray(jax.device_get(state.particles.cause)) == int(Cause.DEAD)):
         state = run.call(kern.refine_causes, run.consts, hp, state)
@@ -721,7 +721,7 @@ def _walk_hole(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Par
     return state, pos_bound
 
 
-def token_loop(run: Run, state: RunState, s: Setup, j: int, seg: Hole, part: Part, hp, budget_: int, on_resample,
+def token_loop(run: Run, state: RunState, s: Setup, j: int, seg: Hole, hp, budget_: int, on_resample,
                steps_done: int = 0) -> RunState:
     """The device token loop of hole ``seg`` for the particles still running in it (``begin_hole`` done), one
     chunk per call until none runs: host prefix checks, genealogy, ESS rows, progress and ``on_resample`` after

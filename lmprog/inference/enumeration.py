@@ -461,7 +461,7 @@ def walk_hole(run, state, s, j: int, seg: Hole, part, pos_bound: int, check: boo
                 tables[seg.name] = (trie.values, by_value[i])
             run.data[i] = {**run.data[i], TABLE_KEY: tables}
     if left.any():
-        state = token_loop(run, state, s, j, seg, part, hp, pl.budget, on_resample)
+        state = token_loop(run, state, s, j, seg, hp, pl.budget, on_resample)
     if run.progress is not None:
         run.progress(holes.Progress(seg.name, trie.max_len, pl.budget, 0))
     pos_bound += holes.room(seg, run.strategy, s.slack)

@@ -84,6 +84,7 @@ class Schedule:
         self.chunks = 0
         self.first_hole = np.cumsum([0] + [type(g) is Hole for g in self.segs]).astype(np.int64)
         self.joins_at_once = np.array([shares_token_loop(run, g) for g in self.segs] + [True])
+        self.no_start, self.no_pause = to_device(np.full((num,), -1, np.int32)), to_device(BIG, np.int32)
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -134,9 +135,8 @@ class Schedule:
     def _step(self, state: RunState) -> RunState:
         """One chunk of the token loop for every chain inside a hole."""
         run = self.run
-        hp = HoleParams(start=to_device(np.full((run.num,), -1, np.int32)), hole=to_device(self.hole_of),
-                        max_tokens=to_device(self.max_tokens), max_steps=to_device(self.max_steps),
-                        pause=to_device(BIG, np.int32))
+        hp = HoleParams(start=self.no_start, hole=to_device(self.hole_of), max_tokens=to_device(self.max_tokens),
+                        max_steps=to_device(self.max_steps), pause=self.no_pause)
         state = run.call(run.kern.hole_chunk, run.lm.params, run.consts, hp, state)[0]
         self.chunks += 1
         done, cause = (np.asarray(a) for a in jax.device_get((state.particles.done, state.particles.cause)))
@@ -165,7 +165,7 @@ class Schedule:
             state = snapshot(run, state, j, fresh)
         run.only = rows
         try:
-            if type(seg) is Hole and shares_token_loop(run, seg):
+            if self.joins_at_once[j]:
                 state = self._begin(state, j, seg, fresh, resume, tok)
             elif type(seg) is Hole:
                 held = self.inside.copy()
